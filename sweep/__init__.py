@@ -1,0 +1,22 @@
+"""sweep: evaluate many candidate parameter dicts against one shared torch module.
+
+The public API lives here; everything else is reachable but private.
+"""
+
+from .errors import ConfigError, SweepError, WeightsError
+from .evaluate import evaluate
+from .types import FAILED, INVALID, OK, Invalid
+from .validate import check_candidate
+
+__all__ = [
+    "evaluate",
+    "check_candidate",
+    "Invalid",
+    "OK",
+    "INVALID",
+    "FAILED",
+    "ConfigError",
+    "SweepError",
+    "WeightsError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""The `sweep` command line: run | validate."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import ConfigError, SweepError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sweep", description="Distributed hyperparameter and weight sweeps.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a sweep from a config file")
+    run.add_argument("config", type=Path, help="the sweep's YAML config")
+    run.add_argument("--out", type=Path, default=Path("."), help="where runs/<name>/ is written (default: .)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set workers.count=2 (repeatable; VALUE is YAML)")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run of this name")
+    run.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+    validate = sub.add_parser("validate", help="check a config without running it")
+    validate.add_argument("config", type=Path)
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "run":
+            return _run(args)
+    except ConfigError as e:
+        print(f"sweep: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SweepError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("sweep: interrupted; the rows written so far are kept", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("SWEEP_DEBUG"):
+            raise
+        print(f"sweep: {type(e).__name__}: {_first_line(e)} (set SWEEP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .studies import plan
+
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: ok — study '{config.study.kind}' with {len(plan(config.study))} candidates")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)  # fails here, before Ray starts
+    from workers.driver import run
+
+    result = run(config, args.out, address=args.address, overwrite=args.overwrite,
+                 progress=False if args.no_progress else None)
+    s = result.summary
+    line = (f"{result.name}: {s['candidates']} candidates: {s['ok']} ok, {s['invalid']} invalid, "
+            f"{s['failed']} failed in {s['seconds']:.1f} s ({s['candidates_per_s']:,.1f} candidates/s)")
+    objective = next((k.removeprefix("best_") for k in s if k.startswith("best_") and k != "best_candidate_id"), None)
+    if objective is not None:
+        line += f"; best {objective} {s['best_' + objective]:.6g} (candidate {s['best_candidate_id']})"
+    print(line)
+    for p in result.problems:
+        label = next((str(v) for k, v in p.items() if k not in ("candidate_id", "status", "error")), "")
+        print(f"  {p['status']} candidate {p['candidate_id']}{' ' + label if label else ''}: {p['error']}")
+    print(f"results: {result.results_dir.resolve()}")
+    if result.mlflow_run_id:
+        print(f"MLflow run: {result.mlflow_run_id} (experiment '{config.sinks.mlflow.experiment or config.name}'; "
+              f"look at it with `mlflow ui`)")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

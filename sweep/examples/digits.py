@@ -1,0 +1,120 @@
+"""The quickstart example: an MLP on scikit-learn's bundled digits set.
+
+1,797 real 8×8 images ship inside scikit-learn, so nothing is downloaded.
+The first 1,297 images train, the last 500 evaluate.
+
+Make the quickstart checkpoints (deterministic, a few seconds on a laptop):
+
+    python -m sweep.examples.digits --out sweep/examples/checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+N_TRAIN = 1297
+CHECKPOINTS = Path(__file__).with_name("checkpoints")
+
+#: (file stem, seed, epochs, hidden width) of the committed checkpoints.
+RECIPES = (
+    ("seed0-epoch02", 0, 2, 64),
+    ("seed0-epoch10", 0, 10, 64),
+    ("seed0-epoch30", 0, 30, 64),
+    ("seed1-epoch30", 1, 30, 64),
+    ("seed2-epoch30", 2, 30, 64),
+)
+#: A checkpoint of another architecture: the quickstart shows it as an invalid row.
+WRONG_WIDTH = ("bad-hidden32", 3, 5, 32)
+
+
+def make_model(hidden: int = 64, depth: int = 1) -> torch.nn.Module:
+    """An MLP 64 → hidden (→ hidden …) → 10 with ReLU."""
+    layers: List[torch.nn.Module] = []
+    width = 64
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, hidden), torch.nn.ReLU()]
+        width = hidden
+    layers.append(torch.nn.Linear(width, 10))
+    return torch.nn.Sequential(*layers)
+
+
+def _arrays(split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    if split == "train":
+        return x[:N_TRAIN], y[:N_TRAIN]
+    if split == "test":
+        return x[N_TRAIN:], y[N_TRAIN:]
+    if split == "all":
+        return x, y
+    raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+
+
+def eval_batches(batch_size: int = 500, split: str = "test") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The eval loader: a list of (images, labels) batches."""
+    x, y = _arrays(split)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def metrics(output: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Mean cross-entropy loss and accuracy of a batch."""
+    return {
+        "loss": F.cross_entropy(output, y),
+        "accuracy": (output.argmax(dim=1) == y).to(torch.float32).mean(),
+    }
+
+
+def train(seed: int, epochs: int, hidden: int = 64, lr: float = 0.1, batch_size: int = 64) -> torch.nn.Module:
+    """Plain SGD with momentum; deterministic for a given seed."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = make_model(hidden)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x, y = _arrays("train")
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def write_checkpoints(out: Path) -> List[Path]:
+    """Train the quickstart checkpoints into `out`, plus the deliberately bad files."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, seed, epochs, hidden in RECIPES + (WRONG_WIDTH,):
+        model = train(seed, epochs, hidden)
+        path = out / f"{stem}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        written.append(path)
+    # A download that stopped half-way: the header promises more than the file holds.
+    whole = (out / f"{RECIPES[-1][0]}.safetensors").read_bytes()
+    truncated = out / "bad-truncated.safetensors"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    written.append(truncated)
+    return written
+
+
+def main(argv: List[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=CHECKPOINTS, help="folder for the checkpoints")
+    args = parser.parse_args(argv)
+    for path in write_checkpoints(args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The results table contract: its schema, and the running summary of a sweep."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .types import FAILED, INVALID, OK
+
+LEADING = (("candidate_id", pa.int64()), ("status", pa.string()), ("error", pa.string()))
+TRAILING = (("worker", pa.string()), ("eval_seconds", pa.float64()))
+
+
+def results_schema(recipe_columns: Mapping[str, pa.DataType], metric_names: Sequence[str]) -> pa.Schema:
+    """candidate_id, status, error, the recipe columns, one float64 per metric, worker, eval_seconds."""
+    fields = [pa.field(n, t) for n, t in LEADING]
+    fields += [pa.field(n, t) for n, t in recipe_columns.items()]
+    fields += [pa.field(n, pa.float64()) for n in metric_names]
+    fields += [pa.field(n, t) for n, t in TRAILING]
+    names = [f.name for f in fields]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"metric names {clashes} clash with results columns; rename them in the metrics function")
+    return pa.schema(fields)
+
+
+class Tally:
+    """Counts and the best row so far, updated batch by batch as results stream in."""
+
+    #: rows that were not ok, kept to show the user at the end
+    MAX_PROBLEMS = 5
+
+    def __init__(self, objective: Optional[str], mode: str = "min", label: Optional[str] = None):
+        self.objective = objective
+        self.mode = mode
+        self.counts = {OK: 0, INVALID: 0, FAILED: 0}
+        self.best_value: Optional[float] = None
+        self.best_id: Optional[int] = None
+        self.started = time.monotonic()
+        self.label = label
+        self.problems: List[Dict[str, Any]] = []
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def update(self, table: pa.Table) -> None:
+        counts = pc.value_counts(table.column("status")).to_pylist()
+        for item in counts:
+            self.counts[item["values"]] = self.counts.get(item["values"], 0) + item["counts"]
+        if len(self.problems) < self.MAX_PROBLEMS and self.counts[OK] < self.done:
+            bad = table.filter(pc.not_equal(table.column("status"), OK)).slice(0, self.MAX_PROBLEMS)
+            columns = ["candidate_id", "status", "error"] + ([self.label] if self.label in table.column_names else [])
+            self.problems.extend(bad.select(columns).to_pylist()[: self.MAX_PROBLEMS - len(self.problems)])
+        if self.objective is None or self.objective not in table.column_names:
+            return
+        ids = table.column("candidate_id").to_pylist()
+        for cid, value in zip(ids, table.column(self.objective).to_pylist()):
+            if value is None or not math.isfinite(value):
+                continue
+            better = self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value)
+            if better:
+                self.best_value, self.best_id = value, cid
+
+    def summary(self) -> Dict[str, Any]:
+        seconds = time.monotonic() - self.started
+        out: Dict[str, Any] = {
+            "candidates": self.done,
+            "ok": self.counts[OK],
+            "invalid": self.counts[INVALID],
+            "failed": self.counts[FAILED],
+            "seconds": seconds,
+            "candidates_per_s": self.done / seconds if seconds > 0 else 0.0,
+        }
+        if self.objective is not None and self.best_id is not None:
+            out[f"best_{self.objective}"] = self.best_value
+            out["best_candidate_id"] = self.best_id
+        return out

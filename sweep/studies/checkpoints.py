@@ -1,0 +1,110 @@
+"""Study kind `checkpoints`: one candidate per weights file.
+
+The driver reads each file's bytes (so workers on other nodes need no shared
+filesystem); the worker parses them with the safe loaders in `sweep.model`.
+A file that cannot be read or parsed becomes an `invalid` row with the reason.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, List, Literal, Sequence, Union
+
+import pyarrow as pa
+from pydantic import Field, ValidationInfo, field_validator
+
+from ..config import Section, checks_files, resolve_path
+from ..errors import WeightsError
+from ..model import load_weights
+from ..types import Invalid
+from .base import CandidateBatch
+
+GLOB_CHARS = set("*?[")
+
+
+class Config(Section):
+    """Evaluate every weights file matched by `paths`."""
+
+    kind: Literal["checkpoints"]
+    paths: List[str] = Field(min_length=1, description="files or globs, relative to the config file")
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, values: List[str], info: ValidationInfo) -> List[str]:
+        resolved = []
+        for value in values:
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"each path must be a non-empty string, got {value!r}")
+            path = resolve_path(value, info)
+            if not checks_files(info):
+                pass
+            elif GLOB_CHARS & set(path):
+                if not glob.glob(path, recursive=True):
+                    raise ValueError(f"pattern matched no files: {path}")
+            elif not Path(path).exists():
+                raise ValueError(f"file not found: {path}")
+            resolved.append(path)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError("the same path is listed twice")
+        return resolved
+
+
+def expand(patterns: Sequence[str]) -> List[str]:
+    """Files in pattern order, each pattern's matches sorted, each file once."""
+    seen: dict = {}
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if GLOB_CHARS & set(pattern) else [pattern]
+        for path in matches:
+            if not Path(path).is_dir():
+                seen.setdefault(path, None)
+    return list(seen)
+
+
+@dataclass
+class FileContents:
+    """Weights files as bytes (or the reason they could not be read)."""
+
+    names: List[str]
+    contents: List[Union[bytes, str]]
+
+    def candidates(self) -> List[Any]:
+        out: List[Any] = []
+        for name, data in zip(self.names, self.contents):
+            if isinstance(data, str):
+                out.append(Invalid(data))
+                continue
+            try:
+                out.append(load_weights(data, Path(name).name))
+            except WeightsError as e:
+                out.append(Invalid(str(e)))
+        return out
+
+
+class Checkpoints:
+    columns = {"path": pa.string()}
+
+    def __init__(self, config: Config):
+        self.paths = expand(config.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
+        todo = [i for i in range(len(self.paths)) if i not in skip]
+        for start in range(0, len(todo), batch_size):
+            ids = todo[start : start + batch_size]
+            names = [self.paths[i] for i in ids]
+            yield CandidateBatch(ids, {"path": names}, FileContents(names, [_read(p) for p in names]))
+
+
+def _read(path: str) -> Union[bytes, str]:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        return f"{path}: cannot read: {e.strerror or e}"
+
+
+def plan(config: Config) -> Checkpoints:
+    return Checkpoints(config)

@@ -1,0 +1,35 @@
+"""Domain nouns, named once and used everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Tuple
+
+import torch
+
+ParamDict = Mapping[str, torch.Tensor]
+"""Parameter (and optional buffer) name → tensor, as `module.named_parameters()` names them."""
+
+Batch = Tuple[Any, Any]
+"""One `(x, y)` eval batch; the module is called as `module(x)`."""
+
+MetricsFn = Callable[[Any, Any], Mapping[str, Any]]
+"""`metrics(output, y)` → name → scalar tensor, averaged over batches by batch size."""
+
+DataSource = Iterable[Batch]
+
+OK = "ok"
+INVALID = "invalid"
+FAILED = "failed"
+STATUSES = (OK, INVALID, FAILED)
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A candidate that could not be produced (an unreadable file, say).
+
+    Passed where a candidate dict goes, it becomes a row with `status=invalid`
+    and `reason` as its error, so one bad input never stops the others.
+    """
+
+    reason: str

@@ -1,0 +1,244 @@
+"""Drive one sweep: plan the study, start workers, stream results to the sinks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import ray
+
+import sweep
+from sweep.config import SweepConfig, dump_config, flatten
+from sweep.errors import SweepError
+from sweep.results import Tally, results_schema
+from sweep.sinks.parquet import ParquetSink
+from sweep.studies import plan
+
+from .actor import RemoteEvalWorker
+from .pool import Pool
+
+log = logging.getLogger("sweep")
+
+#: Seconds between progress lines when stderr is not a terminal.
+LOG_INTERVAL = 10.0
+
+
+@dataclass
+class RunResult:
+    name: str
+    run_dir: Path
+    results_dir: Path
+    summary: Dict[str, Any]
+    problems: List[Dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)
+
+
+def run_dir_for(config: SweepConfig, out: Path) -> Path:
+    return Path(out) / "runs" / config.name
+
+
+def connect(address: Optional[str] = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one.
+
+    Ray's token authentication stays as Ray sets it: on for a local cluster,
+    and a remote cluster's token is read from RAY_AUTH_TOKEN or ~/.ray/auth_token.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: Dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address is None:
+        kwargs["include_dashboard"] = False
+    ray.init(address=address, **kwargs)
+
+
+def worker_count(config: SweepConfig) -> int:
+    w = config.workers
+    if w.count != "auto":
+        return int(w.count)
+    resources = ray.cluster_resources()
+    if w.gpus > 0:
+        return max(1, int(resources.get("GPU", 0) // w.gpus))
+    return max(1, int(resources.get("CPU", 1) // w.cpus))
+
+
+def run(
+    config: SweepConfig,
+    out: Path,
+    *,
+    address: Optional[str] = None,
+    overwrite: bool = False,
+    progress: Optional[bool] = None,
+) -> RunResult:
+    """Run a sweep to completion; rows land in `<out>/runs/<name>/results/`."""
+    run_dir = run_dir_for(config, out)
+    results_dir = run_dir / "results"
+    if results_dir.exists() and any(results_dir.iterdir()):
+        if not overwrite:
+            raise SweepError(
+                f"{run_dir} already holds results; pass --overwrite to replace them or change `name`"
+            )
+        shutil.rmtree(results_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+
+    study = plan(config.study)
+    weights = None
+    if config.model.weights:
+        weights = Path(config.model.weights).read_bytes()
+
+    connect(address)
+    count = worker_count(config)
+    options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
+    weights_ref = ray.put(weights) if weights is not None else None
+    spec = config.to_dict()
+    actors = [
+        RemoteEvalWorker.options(**options).remote(spec, weights_ref, config.model.weights or "")
+        for _ in range(count)
+    ]
+    try:
+        infos = ray.get([a.describe.remote() for a in actors])
+    except ray.exceptions.RayActorError as e:
+        raise SweepError(f"a worker could not start: {_cause(e)}") from None
+    errors = [i["error"] for i in infos if i["error"]]
+    if errors:
+        raise SweepError(errors[0])
+    metric_names = infos[0]["metric_names"]
+    objective = config.metrics.objective or (metric_names[0] if metric_names else None)
+    if objective is not None and objective not in metric_names:
+        raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
+
+    schema = results_schema(study.columns, metric_names)
+    sinks: List[Any] = []
+    parquet = None
+    if config.sinks.parquet.enabled:
+        parquet = ParquetSink(
+            results_dir,
+            schema,
+            rows_per_file=config.sinks.parquet.rows_per_file,
+            flush_seconds=config.sinks.parquet.flush_seconds,
+            metadata={"sweep.name": config.name, "sweep.config_digest": config.digest(),
+                      **{f"sweep.version.{k}": v for k, v in versions().items()}},
+        )
+        sinks.append(parquet)
+    mlflow_sink = None
+    if config.sinks.mlflow.enabled:
+        from sweep.sinks.mlflow import MlflowSink
+
+        mlflow_sink = MlflowSink(
+            config.sinks.mlflow.experiment or config.name,
+            run_name=config.name,
+            tracking_uri=config.sinks.mlflow.tracking_uri,
+            params=flatten(config.to_dict()),
+            tags={**{f"sweep.version.{k}": v for k, v in versions().items()},
+                  "sweep.git_commit": git_commit(), "sweep.config_digest": config.digest(),
+                  "sweep.workers": str(count)},
+            metric_names=metric_names,
+        )
+        sinks.append(mlflow_sink)
+
+    tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
+    reporter = Progress(len(study), enabled=progress)
+    pool = Pool(actors, config.workers.max_in_flight)
+    completed = False
+    try:
+        with reporter:
+            for _, table in pool.map_unordered(study.batches(config.workers.batch_size)):
+                for sink in sinks:
+                    sink.write(table)
+                tally.update(table)
+                reporter.advance(table.num_rows)
+        completed = True
+    finally:
+        summary = tally.summary()
+        summary["completed"] = completed
+        summary["workers"] = count
+        for sink in sinks:
+            sink.close(summary)
+        for actor in actors:
+            ray.kill(actor)
+
+    warnings = []
+    if mlflow_sink is not None and mlflow_sink.errors:
+        warnings.extend(mlflow_sink.errors)
+    return RunResult(
+        name=config.name,
+        run_dir=run_dir,
+        results_dir=results_dir,
+        summary=summary,
+        problems=tally.problems,
+        mlflow_run_id=mlflow_sink.run_id if mlflow_sink else None,
+        warnings=warnings,
+    )
+
+
+def _cause(error: BaseException) -> str:
+    text = str(error)
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def versions() -> Dict[str, str]:
+    import pyarrow
+    import torch
+
+    return {"sweep": sweep.__version__, "torch": torch.__version__, "ray": ray.__version__,
+            "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Progress:
+    """A rich progress bar on a terminal, a log line every few seconds otherwise."""
+
+    def __init__(self, total: int, enabled: Optional[bool] = None):
+        self.total = total
+        self.done = 0
+        self.tty = sys.stderr.isatty() if enabled is None else enabled
+        self.started = time.monotonic()
+        self.last_line = self.started
+        self._bar = None
+
+    def __enter__(self) -> "Progress":
+        if self.tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Bar(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                            transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("sweep", total=self.total, rate="")
+        return self
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        rate = self.done / max(now - self.started, 1e-9)
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, rate=f"{rate:,.1f} cand/s")
+        elif now - self.last_line >= LOG_INTERVAL:
+            self.last_line = now
+            eta = (self.total - self.done) / rate if rate > 0 else math.inf
+            print(f"sweep: {self.done}/{self.total} candidates, {rate:,.1f}/s, ETA {eta:,.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
