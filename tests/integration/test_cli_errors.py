@@ -1,0 +1,59 @@
+"""A config that cannot run exits non-zero with one line naming the problem, before any worker starts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import sweep_cli
+
+pytestmark = pytest.mark.integration
+
+
+def write_config(repo, tmp_path, **changes):
+    config = yaml.safe_load((repo / "configs/quickstart.yaml").read_text())
+    config["study"]["paths"] = [str(repo / "sweep/examples/checkpoints/*.safetensors")]
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"workers__cuont": 2}, "workers.cuont: unknown key (did you mean 'count'?)"),
+        ({"model__weights": "missing.safetensors"}, "model.weights: file not found"),
+        ({"study__paths": ["nowhere/*.safetensors"]}, "study.paths: pattern matched no files"),
+        ({"model__factory": "sweep.examples.nothere:make_model"}, "model.factory: cannot import module"),
+        ({"metrics__function": "sweep.examples.digits:nometrics"}, "metrics.function: module 'sweep.examples.digits' has no attribute"),
+        ({"data__loader": "not-an-import-path"}, "data.loader:"),
+    ],
+)
+def test_bad_config_fails_before_any_worker(repo, tmp_path, changes, expected):
+    config = write_config(repo, tmp_path, **changes)
+    out = tmp_path / "out"
+    proc = sweep_cli("run", str(config), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("sweep: config error:") and expected in lines[0]
+    assert not out.exists(), "nothing may be written for a config that cannot run"
+    assert "Ray" not in proc.stderr
+
+
+def test_missing_config_file_and_bad_override(repo, tmp_path):
+    proc = sweep_cli("run", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
+    proc = sweep_cli("run", str(repo / "configs/quickstart.yaml"), "--set", "workers.count", cwd=tmp_path)
+    assert proc.returncode == 2 and "expected key.path=value" in proc.stderr
+
+
+def test_validate_command(repo, tmp_path):
+    proc = sweep_cli("validate", str(repo / "configs/quickstart.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0 and "7 candidates" in proc.stdout

@@ -1,0 +1,113 @@
+"""`sweep run configs/quickstart.yaml` end to end: real local Ray, real Parquet, MLflow read back."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+import sweep
+from sweep.examples import digits
+from sweep.model import read_weights_file
+from tests.conftest import sweep_cli
+
+pytestmark = pytest.mark.integration
+
+
+def reference_rows(repo: Path):
+    """The quickstart's candidates evaluated independently: a plain functional_call loop."""
+    from torch.func import functional_call
+
+    module = digits.make_model()
+    data = digits.eval_batches(batch_size=250)
+    rows = {}
+    for path in sorted(glob.glob(str(repo / "sweep/examples/checkpoints/*.safetensors"))):
+        try:
+            params = read_weights_file(path)
+        except sweep.WeightsError:
+            continue
+        if any(params[k].shape != v.shape for k, v in module.state_dict().items()):
+            continue
+        total = {"loss": 0.0, "accuracy": 0.0}
+        n = 0
+        with torch.no_grad():
+            for x, y in data:
+                m = digits.metrics(functional_call(module, params, (x,)), y)
+                for k in total:
+                    total[k] += float(m[k]) * len(y)
+                n += len(y)
+        rows[Path(path).name] = {k: v / n for k, v in total.items()}
+    return rows
+
+
+def test_quickstart_end_to_end(repo, tmp_path):
+    work = tmp_path / "elsewhere"  # neither the repository nor the output folder
+    work.mkdir()
+    out = tmp_path / "out"
+    proc = sweep_cli("run", str(repo / "configs/quickstart.yaml"), "--out", str(out), "--no-progress",
+                     cwd=work, env={"MLFLOW_TRACKING_URI": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "5 ok, 2 invalid, 0 failed" in proc.stdout
+    assert "bad-hidden32.safetensors" in proc.stdout and "expected shape (64×64) float32" in proc.stdout
+
+    run_dir = out / "runs" / "quickstart"
+    assert (run_dir / "config.yaml").is_file()
+    results = run_dir / "results"
+    assert not list(results.glob(".*")), "temporary files left behind"
+    table = ds.dataset(str(results), format="parquet").to_table().sort_by("candidate_id")
+    assert table.num_rows == 7
+    assert table.column("candidate_id").to_pylist() == list(range(7))
+    for column in ("candidate_id", "status", "error", "path", "loss", "accuracy", "worker", "eval_seconds"):
+        assert column in table.column_names
+    rows = table.to_pylist()
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["bad-hidden32.safetensors"]["status"] == "invalid"
+    assert "'0.weight'" in by_name["bad-hidden32.safetensors"]["error"]
+    assert by_name["bad-truncated.safetensors"]["status"] == "invalid"
+    assert "truncated" in by_name["bad-truncated.safetensors"]["error"]
+    assert by_name["bad-truncated.safetensors"]["loss"] is None
+
+    expected = reference_rows(repo)
+    assert len(expected) == 5
+    for name, metrics in expected.items():
+        row = by_name[name]
+        assert row["status"] == "ok" and row["error"] is None
+        assert row["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+        assert row["accuracy"] == pytest.approx(metrics["accuracy"], rel=1e-6)
+        assert row["worker"] and row["eval_seconds"] > 0
+
+    # MLflow's default store: a SQLite file in the working directory.
+    from mlflow.tracking import MlflowClient
+
+    assert (work / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id in proc.stdout
+    assert run.info.status == "FINISHED"
+    assert run.data.params["study.kind"] == "checkpoints"
+    assert run.data.params["model.factory"] == "sweep.examples.digits:make_model"
+    assert run.data.metrics["summary.ok"] == 5 and run.data.metrics["summary.invalid"] == 2
+    history = client.get_metric_history(run.info.run_id, "accuracy")
+    ok_ids = sorted(r["candidate_id"] for r in rows if r["status"] == "ok")
+    assert sorted(m.step for m in history) == ok_ids
+    by_id = {r["candidate_id"]: r for r in rows}
+    for m in history:
+        assert m.value == pytest.approx(by_id[m.step]["accuracy"])
+    assert run.data.tags["sweep.git_commit"]
+
+    # A second run of the same name refuses to mix results, and --overwrite replaces them.
+    again = sweep_cli("run", str(repo / "configs/quickstart.yaml"), "--out", str(out), "--no-progress",
+                      "--set", "sinks.mlflow.enabled=false", cwd=work)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    again = sweep_cli("run", str(repo / "configs/quickstart.yaml"), "--out", str(out), "--no-progress",
+                      "--overwrite", "--set", "sinks.mlflow.enabled=false", "--set", "workers.count=1",
+                      cwd=work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    table = ds.dataset(str(results), format="parquet").to_table()
+    assert table.num_rows == 7 and len(set(table.column("worker").to_pylist())) == 1

@@ -1,0 +1,91 @@
+"""Shared helpers for the unit tests: an independent reference evaluator and module snapshots."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+
+import pytest
+import torch
+from torch.func import functional_call
+
+
+def reference_eval(
+    module: torch.nn.Module,
+    candidates: Iterable[Mapping[str, torch.Tensor]],
+    data: List[Any],
+    metrics: Callable[[Any, Any], Mapping[str, Any]],
+) -> List[Dict[str, float]]:
+    """A plain, independent per-candidate loop: functional_call in eval mode,
+    metrics averaged over batches weighted by batch size (len(y)).
+
+    Candidates must be valid and give parameters under the module's own names;
+    buffers not given default to the module's own (cloned).
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        own_buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+        results = []
+        for cand in candidates:
+            tensors = {n: t.detach().clone() for n, t in cand.items()}
+            for n, b in own_buffers.items():
+                tensors.setdefault(n, b.clone())
+            sums: Dict[str, float] = {}
+            total = 0
+            with torch.no_grad():
+                for x, y in data:
+                    n = len(y)
+                    out = functional_call(module, tensors, (x,))
+                    for name, value in metrics(out, y).items():
+                        sums[name] = sums.get(name, 0.0) + float(value) * n
+                    total += n
+            results.append({k: v / total for k, v in sums.items()})
+        return results
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def snapshot(module: torch.nn.Module) -> Dict[str, Any]:
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "training": [(name, m.training) for name, m in module.named_modules()],
+    }
+
+
+def assert_unchanged(module: torch.nn.Module, before: Dict[str, Any]) -> None:
+    after = module.state_dict()
+    assert set(after) == set(before["state"])
+    for k, v in before["state"].items():
+        assert after[k].dtype == v.dtype, k
+        assert torch.equal(after[k], v), f"module tensor {k!r} was modified"
+    assert [(name, m.training) for name, m in module.named_modules()] == before["training"]
+
+
+def assert_rows_close(got: Dict[str, Optional[float]], want: Dict[str, float], tol: float = 1e-6) -> None:
+    for name, value in want.items():
+        assert got[name] is not None, name
+        assert abs(got[name] - value) <= tol * max(1.0, abs(value)), (name, got[name], value)
+
+
+@pytest.fixture
+def reference():
+    return reference_eval
+
+
+@pytest.fixture
+def snap():
+    """snap(module) -> a snapshot; snap.check(module, snapshot) asserts nothing changed."""
+
+    class Snap:
+        def __call__(self, module):
+            return snapshot(module)
+
+        check = staticmethod(assert_unchanged)
+
+    return Snap()
+
+
+@pytest.fixture
+def close():
+    return assert_rows_close
