@@ -85,8 +85,6 @@ class Evaluator:
         self.metrics = metrics
         self.device = torch.device(device) if device is not None else _module_device(module)
         self.schema = Schema(module)
-        self._modes = [(m, m.training) for m in module.modules()]
-        module.eval()
         move = _to(self.device)
         self.batches: List[Tuple[Any, Any, int]] = []
         for i, item in enumerate(data):
@@ -103,6 +101,8 @@ class Evaluator:
         named_buffers = dict(module.named_buffers())
         self.buffers = {n: named_buffers[n].detach().to(self.device) for n in self.schema.buffer_names}
         self.metric_names: Optional[Tuple[str, ...]] = None
+        self._modes = [(m, m.training) for m in module.modules()]
+        module.eval()
 
     def restore(self) -> None:
         """Give the module back its train/eval modes."""
@@ -177,12 +177,14 @@ class Evaluator:
             return FAILED, str(e), None
 
     def _evaluate_one(self, params: Mapping[str, torch.Tensor]) -> Dict[str, float]:
-        tensors = {n: t.detach().to(self.device) for n, t in params.items()}
+        # Copies: a forward that writes into its weights (an Embedding with
+        # max_norm, say) must not reach the caller's tensors or the module's.
+        tensors = {n: t.detach().to(self.device, copy=True) for n, t in params.items()}
         given = {n: tensors.pop(n) for n in list(tensors) if n in self.buffers}
         # Buffers are cloned per candidate so a forward that writes to them
         # cannot leak state into the module or the next candidate.
         for n, b in self.buffers.items():
-            tensors[n] = given[n].clone() if n in given else b.clone()
+            tensors[n] = given[n] if n in given else b.clone()
         sums: Dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():

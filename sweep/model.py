@@ -141,4 +141,8 @@ def _load_torch(data: bytes, name: str) -> Dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{name}: holds a {type(obj).__name__}, expected a dict of name → tensor")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise WeightsError(f"{name}: expected a flat dict of name → tensor, but these entries are not tensors: {shown}")
     return dict(obj)

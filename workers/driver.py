@@ -55,10 +55,29 @@ def connect(address: Optional[str] = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        _present_token()
     kwargs: Dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
         kwargs["include_dashboard"] = False
     ray.init(address=address, **kwargs)
+
+
+def _present_token() -> None:
+    """Use token authentication towards a cluster whenever a token is at hand.
+
+    Ray 2.60 does this by itself only for the local cluster `ray.init()`
+    starts; for a cluster it joins, it sends the token (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) only in RAY_AUTH_MODE=token.
+    An explicit RAY_AUTH_MODE is respected.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray release: RAY_AUTH_MODE=token must be set by hand
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=True)
 
 
 def worker_count(config: SweepConfig) -> int:

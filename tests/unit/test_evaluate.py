@@ -507,3 +507,14 @@ def test_training_flags_restored_when_metrics_fail():
 def test_module_must_be_a_module():
     with pytest.raises(TypeError):
         evaluate(lambda x: x, [], regression_batches(), regression_metrics)
+
+
+def test_module_on_meta_device_is_only_a_schema(reference, close):
+    with torch.device("meta"):
+        module = torch.nn.Linear(2, 1)
+    data = [(torch.ones(3, 2), torch.ones(3)), (torch.full((1, 2), 2.0), torch.ones(1))]
+    cands = [{"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, sweep.Invalid("x")]
+    rows = evaluate(module, cands, data, lambda o, y: {"m": o.mean()}).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "invalid"]
+    assert rows[0]["m"] == pytest.approx((3 * 2.0 + 1 * 4.0) / 4)
+    assert module.weight.device.type == "meta"

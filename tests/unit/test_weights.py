@@ -228,7 +228,7 @@ PAYLOADS = [SystemPayload, OpenPayload, ExecPayload]
 def _payload_works(make, tmp_path, fmt):
     """Sanity check: the payload really runs code when loaded unsafely."""
     probe = tmp_path / f"probe-{make.__name__}-{fmt}"
-    data = torch_bytes({"w": make(probe)}) if fmt == "zip" else pickle.dumps({"w": make(probe)})
+    data = torch_bytes({"w": make(probe)}) if fmt == "zip" else pickle.dumps({"w": make(probe)}, protocol=2)
     if fmt == "zip":
         obj = torch.load(io.BytesIO(data), weights_only=False)
     else:
@@ -244,7 +244,7 @@ def _payload_works(make, tmp_path, fmt):
 def test_pickle_payload_is_refused_and_never_runs(tmp_path, make, fmt, suffix):
     marker = tmp_path / "pwned-marker"
     payload = {"layer.weight": torch.zeros(2), "evil": make(marker)}
-    data = torch_bytes(payload) if fmt == "zip" else pickle.dumps(payload)
+    data = torch_bytes(payload) if fmt == "zip" else pickle.dumps(payload, protocol=2)
     assert not marker.exists()
     with pytest.raises(WeightsError):
         load_weights(data, f"evil{suffix}")
