@@ -1,36 +1,62 @@
-"""Evaluate many candidate parameter dicts against one shared module."""
+"""Evaluate many candidates against one shared module, a chunk at a time.
+
+Candidates (explicit dicts, or a recipe's rows) are materialised as stacked
+tensors on the device, one `[k, *shape]` tensor per parameter, and evaluated
+with `vmap(functional_call)` in one pass per data batch. A module that does not
+vmap is detected on its first chunk and evaluated with the per-candidate loop
+from then on, with a warning that says why; the rows are the same either way.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+import warnings
+from itertools import islice
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from .recipes import Prepared, Recipe, Rows, anchor_key
 from .types import FAILED, INVALID, OK, Batch, Invalid, MetricsFn
 from .validate import Schema
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: Chunk size for explicit dicts and recipes when none is chosen or measured.
+DEFAULT_CHUNK = 256
 
 
 def evaluate(
     module: torch.nn.Module,
-    candidates: Iterable[Any],
+    candidates: Any,
     data: Iterable[Batch],
     metrics: MetricsFn,
     *,
     device: Optional[torch.device | str] = None,
+    precision: str = "fp32",
+    compile: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> pa.Table:
-    """Evaluate each candidate parameter dict against `module` on `data`.
+    """Evaluate each candidate against `module` on `data`.
 
-    Returns one row per candidate, in input order: `candidate_id` (0…N−1),
-    `status` (`ok` | `invalid` | `failed`), `error` (null when ok) and one
-    float64 column per metric (null when the row is not ok). The module is
-    evaluated in eval mode, and its parameters, buffers and mode are as before
-    when this returns; the caller's tensors are never mutated.
+    `candidates` is an iterable of parameter dicts or a recipe (`Affine`,
+    `Noise`). Returns one row per candidate, in input order: `candidate_id`
+    (0…N−1), `status` (`ok` | `invalid` | `failed`), `error` (null when ok),
+    the recipe's columns, and one float64 column per metric (null when the row
+    is not ok). The module is evaluated in eval mode, and its parameters,
+    buffers and mode are as before when this returns; the caller's tensors are
+    never mutated.
+
+    `precision="bf16"` stores the materialised weights (and the inputs) in
+    bfloat16; `compile=True` compiles the vmapped call with `torch.compile`;
+    `chunk_size` fixes how many candidates share one vmapped call (default:
+    measured at start-up).
     """
-    evaluator = Evaluator(module, data, metrics, device=device)
+    evaluator = Evaluator(module, data, metrics, device=device, precision=precision, compile=compile,
+                          chunk_size=chunk_size)
     try:
         return evaluator.run(candidates)
     finally:
@@ -47,10 +73,6 @@ def _batch_size(x: Any, y: Any) -> int:
         return 1
 
 
-def _to(device: torch.device):
-    return lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
-
-
 def _module_device(module: torch.nn.Module) -> torch.device:
     for t in list(module.parameters()) + list(module.buffers()):
         if t.device.type != "meta":
@@ -58,15 +80,35 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class CandidateError(Exception):
     """A candidate whose forward or metrics failed; the row becomes `failed`."""
+
+
+class _Chunk:
+    """Statuses, errors and metric values of k rows, filled in as a chunk is evaluated."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.status: List[str] = [OK] * k
+        self.error: List[Optional[str]] = [None] * k
+        self.values: Dict[str, np.ndarray] = {}
+
+    def mark(self, i: int, status: str, error: str) -> None:
+        self.status[i] = status
+        self.error[i] = error
 
 
 class Evaluator:
     """A module, its eval data and metrics, prepared once on one device.
 
     Workers hold one and feed it batch after batch; `evaluate()` uses one for
-    a single call.
+    a single call. Recipe anchors are validated and kept on the device, keyed
+    by their content, so each is prepared once however many batches use it.
     """
 
     def __init__(
@@ -76,34 +118,50 @@ class Evaluator:
         metrics: MetricsFn,
         *,
         device: Optional[torch.device | str] = None,
+        precision: str = "fp32",
+        compile: bool = False,
+        chunk_size: Optional[int] = None,
     ):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not callable(metrics):
             raise TypeError(f"metrics must be a callable metrics(output, y) -> mapping, got {type(metrics).__name__}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.module = module
         self.metrics = metrics
         self.device = torch.device(device) if device is not None else _module_device(module)
+        self.dtype = PRECISIONS[precision]
+        self.precision = precision
+        self.compile = compile
+        self.chunk_size = chunk_size
         self.schema = Schema(module)
-        move = _to(self.device)
+        cast = self._cast
+        move = lambda v: cast(v.to(self.device)) if isinstance(v, torch.Tensor) else v  # noqa: E731
         self.batches: List[Tuple[Any, Any, int]] = []
         for i, item in enumerate(data):
             try:
                 x, y = item
             except (TypeError, ValueError):
-                raise TypeError(
-                    f"data batch {i} must be an (x, y) pair, got {type(item).__name__}"
-                ) from None
-            self.batches.append((tree_map(move, x), tree_map(move, y), _batch_size(x, y)))
+                raise TypeError(f"data batch {i} must be an (x, y) pair, got {type(item).__name__}") from None
+            self.batches.append((tree_map(move, x), tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, y), _batch_size(x, y)))
         if not self.batches:
             raise ValueError("data yielded no batches: give at least one (x, y) batch to evaluate on")
         self.total = sum(n for _, _, n in self.batches)
         named_buffers = dict(module.named_buffers())
-        self.buffers = {n: named_buffers[n].detach().to(self.device) for n in self.schema.buffer_names}
+        self.buffers = {n: named_buffers[n].detach().to(self.device, copy=True) for n in self.schema.buffer_names}
         self.metric_names: Optional[Tuple[str, ...]] = None
+        self.mode: Optional[str] = None  # "vmap" or "loop", decided on the first chunk
+        self.mode_reason = ""
+        self.compile_seconds = 0.0
+        self._vmapped: Optional[Callable[..., Any]] = None
+        self._anchors: Dict[str, Any] = {}
         self._modes = [(m, m.training) for m in module.modules()]
         module.eval()
 
+    # -- public ------------------------------------------------------------
     def restore(self) -> None:
         """Give the module back its train/eval modes."""
         for m, training in self._modes:
@@ -119,79 +177,211 @@ class Evaluator:
             own = {n: p.detach() for n, p in self.module.named_parameters()}
             if any(t.device.type == "meta" for t in own.values()):
                 raise CandidateError("the module's own parameters are on the meta device; nothing to probe")
-            self._evaluate_one(own)
-        return self.metric_names
+            batched = {n: t.to(self.device, copy=True).unsqueeze(0) for n, t in own.items()}
+            self._loop_row(self._cast_all(batched), self._shared(), 0)
+        return self.metric_names  # type: ignore[return-value]
 
-    def run(
-        self,
-        candidates: Iterable[Any],
-        ids: Optional[Sequence[int]] = None,
-        *,
-        timing: bool = False,
-    ) -> pa.Table:
-        """Evaluate candidates; returns the results table (see `evaluate`).
+    def run(self, candidates: Any, ids: Optional[Sequence[int]] = None, *, timing: bool = False) -> pa.Table:
+        """Evaluate candidates (dicts or a recipe); returns the results table (see `evaluate`).
 
         `ids` replaces 0…N−1 as `candidate_id`; `timing` adds `eval_seconds`.
         """
-        statuses: List[str] = []
-        errors: List[Optional[str]] = []
-        values: List[Optional[Dict[str, float]]] = []
-        seconds: List[float] = []
-        for candidate in candidates:
+        if isinstance(candidates, Recipe):
+            key = self.add_anchors(candidates.anchors())
+            return self.run_rows(candidates.rows(), key, ids, timing=timing)
+        chunks = []
+        iterator = iter(candidates)
+        while True:
+            items = list(islice(iterator, self._chunk_hint()))
+            if not items:
+                break
             start = time.perf_counter()
-            status, error, row = self._row(candidate)
-            seconds.append(time.perf_counter() - start)
-            statuses.append(status)
-            errors.append(error)
-            values.append(row)
-        n = len(statuses)
-        if self.metric_names is None and n:
-            try:  # no candidate was ok: still give the table its metric columns
-                self.probe_metric_names()
-            except CandidateError:
-                pass
-        if ids is None:
-            ids = range(n)
-        elif len(ids) != n:
-            raise ValueError(f"got {len(ids)} ids for {n} candidates")
-        columns: Dict[str, pa.Array] = {
-            "candidate_id": pa.array(list(ids), pa.int64()),
-            "status": pa.array(statuses, pa.string()),
-            "error": pa.array(errors, pa.string()),
-        }
-        for name in self.metric_names or ():
-            columns[name] = pa.array([None if v is None else v[name] for v in values], pa.float64())
-        if timing:
-            columns["eval_seconds"] = pa.array(seconds, pa.float64())
-        return pa.table(columns)
+            chunk = self._explicit_chunk(items)
+            chunks.append((chunk, time.perf_counter() - start))
+        return self._table(chunks, ids, {}, timing)
 
-    def _row(self, candidate: Any) -> Tuple[str, Optional[str], Optional[Dict[str, float]]]:
-        if isinstance(candidate, Invalid):
-            return INVALID, candidate.reason, None
-        params, error = self.schema.check(candidate, self.device)
-        if error is not None:
-            return INVALID, error, None
-        try:
-            return OK, None, self._evaluate_one(params)
-        except CandidateError as e:
-            return FAILED, str(e), None
+    def add_anchors(self, anchors: Mapping[str, Mapping[str, Any]], key: Optional[str] = None) -> str:
+        """Validate a recipe's anchors once and keep them on the device; returns their key."""
+        key = key or anchor_key(dict(anchors))  # type: ignore[arg-type]
+        if key not in self._anchors:
+            self._anchors[key] = self._prepare(anchors)
+        return key
 
-    def _evaluate_one(self, params: Mapping[str, torch.Tensor]) -> Dict[str, float]:
-        # Copies: a forward that writes into its weights (an Embedding with
-        # max_norm, say) must not reach the caller's tensors or the module's.
-        tensors = {n: t.detach().to(self.device, copy=True) for n, t in params.items()}
-        given = {n: tensors.pop(n) for n in list(tensors) if n in self.buffers}
-        # Buffers are cloned per candidate so a forward that writes to them
-        # cannot leak state into the module or the next candidate.
+    def has_anchors(self, key: str) -> bool:
+        return key in self._anchors
+
+    def run_rows(self, rows: Rows, key: str, ids: Optional[Sequence[int]] = None, *, timing: bool = False) -> pa.Table:
+        """Evaluate a recipe's rows against anchors added before under `key`."""
+        prepared = self._anchors[key]
+        chunks = []
+        n = len(rows)
+        if isinstance(prepared, str):
+            chunk = _Chunk(n)
+            for i in range(n):
+                chunk.mark(i, INVALID, prepared)
+            chunks.append((chunk, 0.0))
+        else:
+            start = 0
+            while start < n:
+                stop = min(n, start + self._chunk_hint(prepared))
+                t0 = time.perf_counter()
+                chunks.append((self._recipe_chunk(rows.slice(start, stop), prepared), 0.0))
+                chunks[-1] = (chunks[-1][0], time.perf_counter() - t0)
+                start = stop
+        return self._table(chunks, ids, rows.columns(), timing)
+
+    # -- preparing candidates ------------------------------------------------
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
+
+    def _cast_all(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {n: self._cast(t) for n, t in tensors.items()}
+
+    def _shared(self, given: Optional[Mapping[str, torch.Tensor]] = None, skip: Iterable[str] = ()) -> Dict[str, torch.Tensor]:
+        """The buffers every candidate of a chunk shares, in the evaluation dtype."""
+        skip = set(skip)
+        out = {}
         for n, b in self.buffers.items():
-            tensors[n] = given[n] if n in given else b.clone()
+            if n in skip:
+                continue
+            out[n] = self._cast(given[n].to(self.device)) if given and n in given else self._cast(b)
+        return out
+
+    def _explicit_chunk(self, items: List[Any]) -> _Chunk:
+        chunk = _Chunk(len(items))
+        valid: List[Tuple[int, Dict[str, torch.Tensor]]] = []
+        for i, candidate in enumerate(items):
+            if isinstance(candidate, Invalid):
+                chunk.mark(i, INVALID, candidate.reason)
+                continue
+            params, error = self.schema.check(candidate, self.device)
+            if error is not None:
+                chunk.mark(i, INVALID, error)
+            else:
+                valid.append((i, params))
+        if not valid:
+            return chunk
+        keys = sorted({n for _, p in valid for n in p}, key=list(self.schema.param_names + self.schema.buffer_names).index)
+        batched = {}
+        for n in keys:
+            parts = [p[n] if n in p else self.buffers[n] for _, p in valid]
+            batched[n] = self._cast(torch.stack([t.detach().to(self.device) for t in parts]))
+        shared = self._shared(skip=keys)
+        self._evaluate_stacked(batched, shared, [i for i, _ in valid], chunk)
+        return chunk
+
+    def _prepare(self, anchors: Mapping[str, Mapping[str, Any]]) -> Any:
+        """Prepared anchors, or the error that makes every row of the recipe invalid."""
+        base = anchors.get("base")
+        directions = [anchors[k] for k in sorted((k for k in anchors if k.startswith("direction_")),
+                                                   key=lambda k: int(k.split("_")[1]))]
+        base_params, error = self.schema.check(base, self.device, finite=False)
+        if error is not None:
+            return f"recipe base: {error}"
+        dir_params = []
+        for d, direction in enumerate(directions):
+            params, error = self.schema.check(direction, self.device, finite=False)
+            if error is not None:
+                return f"recipe direction {d}: {error}"
+            dir_params.append(params)
+        slots = {s.name: s for s in self.schema.slots}
+        varied_buffers = {n for p in dir_params for n in p if slots[n].is_buffer and p[n].is_floating_point()}
+        names = [n for n in self.schema.param_names if slots[n].dtype.is_floating_point]
+        names += [n for n in self.schema.buffer_names if n in varied_buffers]
+        fixed = {n: base_params[n] for n in base_params if n not in names}
+
+        def flat(params: Mapping[str, torch.Tensor], default: Callable[[str], torch.Tensor]) -> torch.Tensor:
+            parts = [(params[n] if n in params else default(n)).detach().to(self.device, torch.float32).reshape(-1)
+                     for n in names]
+            return torch.cat(parts)
+
+        flats = {"base": flat(base_params, lambda n: self.buffers[n])}
+        if dir_params:
+            zeros = lambda n: torch.zeros(slots[n].shape, device=self.device)  # noqa: E731
+            flats["directions"] = torch.stack([flat(p, zeros) for p in dir_params])
+        shared = self._shared(given=fixed, skip=names)
+        for n, t in fixed.items():
+            if n not in shared:  # a non-floating parameter
+                shared[n] = t.detach().to(self.device)
+        return Prepared(names, [slots[n].shape for n in names], flats, shared)
+
+    def _recipe_chunk(self, rows: Rows, prepared: Prepared) -> _Chunk:
+        chunk = _Chunk(len(rows))
+        with torch.no_grad():
+            flat = rows.materialise(prepared, self.device)
+            finite = torch.isfinite(flat).all(dim=1)
+        bad = (~finite).nonzero().flatten().tolist()
+        for i in bad:
+            chunk.mark(i, INVALID, _nonfinite_error(flat[i], prepared))
+        batched = prepared.unflatten(flat, self.dtype)
+        rows_ok = [i for i in range(len(rows)) if i not in set(bad)] if bad else list(range(len(rows)))
+        if rows_ok:
+            if bad:
+                index = torch.tensor(rows_ok, device=self.device)
+                batched = {n: t.index_select(0, index) for n, t in batched.items()}
+            self._evaluate_stacked(batched, prepared.shared, rows_ok, chunk)
+        return chunk
+
+    # -- evaluating a stacked chunk -------------------------------------------
+    def _chunk_hint(self, prepared: Optional[Prepared] = None) -> int:
+        if self.chunk_size is None:
+            from .chunking import choose_chunk_size
+
+            self.chunk_size, self.mode, self.mode_reason = choose_chunk_size(self)
+        return self.chunk_size
+
+    def _evaluate_stacked(self, batched: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor],
+                          rows: List[int], chunk: _Chunk) -> None:
+        """Evaluate k stacked candidates; rows[i] is where candidate i's result goes in `chunk`."""
+        if self.mode != "loop":
+            try:
+                values = self._vmap_values(batched, shared, len(rows))
+            except Exception as e:  # noqa: BLE001 - any failure: the loop decides what it was
+                self._loop_chunk(batched, shared, rows, chunk, vmap_error=e)
+                return
+            if self.mode is None:
+                self.mode = "vmap"
+            for name, array in values.items():
+                column = chunk.values.setdefault(name, np.full(chunk.k, np.nan))
+                column[rows] = array
+            return
+        self._loop_chunk(batched, shared, rows, chunk)
+
+    def _loop_chunk(self, batched, shared, rows, chunk, vmap_error: Optional[BaseException] = None) -> None:
+        any_ok = False
+        for i, row in enumerate(rows):
+            try:
+                values = self._loop_row(batched, shared, i)
+            except CandidateError as e:
+                chunk.mark(row, FAILED, str(e))
+                continue
+            any_ok = True
+            for name, value in values.items():
+                chunk.values.setdefault(name, np.full(chunk.k, np.nan))[row] = value
+        if vmap_error is not None and any_ok and self.mode != "loop":
+            # The loop ran what vmap could not: the module (or metrics) does not vmap.
+            self.mode = "loop"
+            self.mode_reason = f"{type(vmap_error).__name__}: {_first_line(vmap_error)}"
+            warnings.warn(
+                f"sweep: this module does not evaluate under torch.vmap ({self.mode_reason}); "
+                f"evaluating one candidate at a time instead (same results, slower)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _loop_row(self, batched: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor], i: int,
+                  batches: Optional[List[Tuple[Any, Any, int]]] = None) -> Dict[str, float]:
+        tensors = {n: t[i] for n, t in batched.items()}
+        for n, b in shared.items():
+            # Buffers are cloned per candidate so a forward that writes to them
+            # cannot leak state into the next candidate.
+            tensors[n] = b.clone() if n in self.buffers else b
         sums: Dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
-                for x, y, n in self.batches:
-                    out = functional_call(self.module, tensors, (x,), strict=True)
-                    got = self.metrics(out, y)
-                    for name, value in self._check_metrics(got).items():
+                for x, y, n in batches or self.batches:
+                    out = self._to_float(functional_call(self.module, tensors, (x,), strict=True))
+                    for name, value in self._check_metrics(self.metrics(out, y)).items():
                         term = value * n
                         sums[name] = sums[name] + term if name in sums else term
         except CandidateError:
@@ -199,6 +389,48 @@ class Evaluator:
         except Exception as e:  # noqa: BLE001 - any error in user code fails this row only
             raise CandidateError(f"{type(e).__name__}: {e}") from e
         result = {name: float(total.item()) / self.total for name, total in sums.items()}
+        if self.metric_names is None:
+            self.metric_names = tuple(result)
+        return result
+
+    def _to_float(self, out: Any) -> Any:
+        if self.dtype == torch.float32:
+            return out
+        return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)
+
+    def _vmap_call(self) -> Callable[..., Any]:
+        if self._vmapped is None:
+            module, metrics, to_float = self.module, self.metrics, self._to_float
+
+            def one(params, shared, x, y):
+                out = functional_call(module, (params, shared), (x,), strict=True)
+                return metrics(to_float(out), y)
+
+            call = torch.vmap(one, in_dims=(0, None, None, None), randomness="different")
+            self._vmapped = torch.compile(call) if self.compile else call
+        return self._vmapped
+
+    def _vmap_values(self, batched, shared, k: int,
+                     batches: Optional[List[Tuple[Any, Any, int]]] = None) -> Dict[str, np.ndarray]:
+        call = self._vmap_call()
+        sums: Dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for x, y, n in batches or self.batches:
+                first = self.compile and self.compile_seconds == 0.0
+                t0 = time.perf_counter()
+                got = call(batched, shared, x, y)
+                if first:
+                    self.compile_seconds = time.perf_counter() - t0
+                if not isinstance(got, Mapping):
+                    raise TypeError(f"metrics must return a mapping, got {type(got).__name__}")
+                if self.metric_names is not None and set(got) != set(self.metric_names):
+                    raise ValueError("metric names differ from earlier candidates")
+                for name, value in got.items():
+                    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (k,):
+                        raise ValueError(f"metric {name!r} is not one scalar per candidate")
+                    term = value.to(torch.float64) * n
+                    sums[name] = sums[name] + term if name in sums else term
+        result = {name: (total / self.total).cpu().numpy() for name, total in sums.items()}
         if self.metric_names is None:
             self.metric_names = tuple(result)
         return result
@@ -230,3 +462,43 @@ class Evaluator:
             else:
                 raise CandidateError(f"metric '{name}' must be a scalar tensor or number, got {type(value).__name__}")
         return checked
+
+    # -- the table -------------------------------------------------------------
+    def _table(self, chunks: List[Tuple[_Chunk, float]], ids: Optional[Sequence[int]],
+               recipe_columns: Dict[str, pa.Array], timing: bool) -> pa.Table:
+        n = sum(c.k for c, _ in chunks)
+        if self.metric_names is None and n:
+            try:  # no candidate was ok: still give the table its metric columns
+                self.probe_metric_names()
+            except CandidateError:
+                pass
+        if ids is None:
+            ids = range(n)
+        elif len(ids) != n:
+            raise ValueError(f"got {len(ids)} ids for {n} candidates")
+        status = [s for c, _ in chunks for s in c.status]
+        columns: Dict[str, Any] = {
+            "candidate_id": pa.array(np.asarray(ids, dtype=np.int64)),
+            "status": pa.array(status, pa.string()),
+            "error": pa.array([e for c, _ in chunks for e in c.error], pa.string()),
+        }
+        columns.update(recipe_columns)
+        ok = np.array([s == OK for s in status], dtype=bool)
+        for name in self.metric_names or ():
+            values = np.concatenate([c.values.get(name, np.full(c.k, np.nan)) for c, _ in chunks]) if chunks else np.array([])
+            columns[name] = pa.array(values, pa.float64(), mask=~ok)
+        if timing:
+            columns["eval_seconds"] = pa.array(
+                np.concatenate([np.full(c.k, t / max(c.k, 1)) for c, t in chunks]) if chunks else np.array([]),
+                pa.float64())
+        return pa.table(columns)
+
+
+def _nonfinite_error(row: torch.Tensor, prepared: Prepared) -> str:
+    problems = []
+    for name, part in zip(prepared.names, torch.split(row, prepared.sizes)):
+        n_nan = int(torch.isnan(part).sum())
+        n_inf = int(torch.isinf(part).sum())
+        if n_nan or n_inf:
+            problems.append(f"key '{name}': expected finite values, got {n_nan} NaN and {n_inf} inf")
+    return "materialised candidate is not finite: " + "; ".join(problems)

@@ -71,12 +71,15 @@ class Schema:
         self.param_names = tuple(s.name for s in slots if not s.is_buffer)
         self.buffer_names = tuple(s.name for s in slots if s.is_buffer)
 
-    def check(self, candidate: Any, device: torch.device) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[str]]:
+    def check(self, candidate: Any, device: torch.device, *, finite: bool = True,
+              required: bool = True) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[str]]:
         """Validate one candidate.
 
         Returns `(tensors by canonical name, None)` when valid, else
         `(None, error)` with every problem in one message. Tensors are returned
-        as given (never copied or mutated here).
+        as given (never copied or mutated here). `finite=False` skips the
+        NaN/inf check (recipe directions); `required=False` lets parameters be
+        left out.
         """
         if not isinstance(candidate, Mapping):
             return None, (
@@ -90,7 +93,7 @@ class Schema:
                 if key not in candidate:
                     continue
                 value = candidate[key]
-                problem = self._check_tensor(key, slot, value, device)
+                problem = self._check_tensor(key, slot, value, device, finite)
                 if problem:
                     problems.append(problem)
                 elif slot.name not in chosen:
@@ -101,7 +104,7 @@ class Schema:
                         f"but were given different values; give one of them, or equal values"
                     )
 
-        missing = [s for s in self.slots if not s.is_buffer and not any(a in candidate for a in s.aliases)]
+        missing = [s for s in self.slots if required and not s.is_buffer and not any(a in candidate for a in s.aliases)]
         for slot in missing:
             problems.append(f"missing key '{slot.name}' (expected {describe(slot.shape, slot.dtype)})")
         missing_names = [s.name for s in missing]
@@ -116,7 +119,7 @@ class Schema:
             return None, _join(problems)
         return {name: value for name, (_, value) in chosen.items()}, None
 
-    def _check_tensor(self, key: str, slot: Slot, value: Any, device: torch.device) -> Optional[str]:
+    def _check_tensor(self, key: str, slot: Slot, value: Any, device: torch.device, finite: bool) -> Optional[str]:
         expected = describe(slot.shape, slot.dtype)
         if not isinstance(value, torch.Tensor):
             return f"key '{key}': expected a tensor of {expected}, got {_describe_value(value)}"
@@ -132,7 +135,7 @@ class Schema:
             wrong.append(f"expected a tensor on {device} or cpu, got one on {value.device}")
         if wrong:
             return f"key '{key}': " + "; ".join(wrong)
-        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+        if finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             n_nan = int(torch.isnan(value).sum())
             n_inf = int(torch.isinf(value).sum())
             return f"key '{key}': expected finite values, got {n_nan} NaN and {n_inf} inf"

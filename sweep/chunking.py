@@ -1,0 +1,128 @@
+"""Choose how many candidates share one vmapped call, by measuring on the user's machine.
+
+The best chunk size depends on the model, the eval batch and the cache, so a
+short trial at start-up times the per-candidate loop and vmap at growing chunk
+sizes (bounded by device memory) and keeps the fastest. When the loop wins
+(convolutions on a CPU, say) the evaluator uses the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+import torch
+from torch.func import functional_call
+
+if TYPE_CHECKING:
+    from .evaluate import Evaluator
+
+#: Chunk sizes tried, smallest first.
+TRIAL_SIZES = (8, 32, 128, 512, 2048, 8192)
+#: A trial slower than this ends the search (bigger chunks only take longer).
+MAX_TRIAL_SECONDS = 0.5
+#: Fraction of free device memory (or available RAM) a chunk may use.
+MEMORY_FRACTION_CUDA = 0.5
+MEMORY_FRACTION_CPU = 0.25
+#: Chunk size when nothing can be measured.
+FALLBACK_CHUNK = 256
+#: Chunk size with torch.compile (every new size would compile again).
+COMPILED_CHUNK = 1024
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a chunk may use on `device`."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * MEMORY_FRACTION_CUDA)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * MEMORY_FRACTION_CPU)
+    except OSError:
+        pass
+    return 2 * 1024**3
+
+
+def activation_bytes(ev: "Evaluator", params: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor]) -> int:
+    """Bytes of every submodule output in one forward of one candidate on the first batch."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in ev.module.modules()]
+    try:
+        with torch.no_grad():
+            functional_call(ev.module, (params, shared), (ev.batches[0][0],), strict=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _timed(fn, repeat: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def choose_chunk_size(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
+    """(chunk size, mode 'vmap' | 'loop' | None when undecided, reason)."""
+    from .evaluate import CandidateError
+
+    own = {n: p.detach() for n, p in ev.module.named_parameters()}
+    if not own or any(t.device.type == "meta" for t in own.values()):
+        return FALLBACK_CHUNK, None, ""
+    one = {n: ev._cast(t.to(ev.device, copy=True)) for n, t in own.items()}
+    shared = ev._shared()
+    param_bytes = sum(t.numel() * 4 for t in one.values())
+    try:
+        per_candidate = 3 * param_bytes + 2 * activation_bytes(ev, one, shared)
+    except Exception:  # noqa: BLE001 - the module's own forward fails: let the chunks tell
+        return FALLBACK_CHUNK, None, ""
+    bound = max(1, memory_budget(ev.device) // max(per_candidate, 1))
+    if ev.compile:
+        return max(1, min(COMPILED_CHUNK, bound)), None, ""
+
+    first = ev.batches[:1]
+    stacked1 = {n: t.unsqueeze(0) for n, t in one.items()}
+    sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
+    try:
+        loop_seconds = _timed(lambda: (ev._loop_row(stacked1, shared, 0, batches=first), sync()))
+    except CandidateError:
+        return FALLBACK_CHUNK, None, ""
+    loop_rate = 1.0 / max(loop_seconds, 1e-9)
+
+    best_k, best_rate = 0, 0.0
+    for k in TRIAL_SIZES:
+        if k > bound:
+            break
+        batched = {n: t.expand((k,) + tuple(t.shape)).contiguous() for n, t in one.items()}
+        try:
+            ev._vmap_values(batched, shared, k, batches=first)  # warm-up
+            seconds = _timed(lambda: (ev._vmap_values(batched, shared, k, batches=first), sync()))
+        except Exception as e:  # noqa: BLE001 - the first real chunk decides and warns
+            if best_k == 0:
+                return FALLBACK_CHUNK, None, ""
+            break
+        rate = k / max(seconds, 1e-9)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+        elif rate < 0.8 * best_rate:
+            break
+        if seconds > MAX_TRIAL_SECONDS:
+            break
+    if best_k == 0:
+        return max(1, min(FALLBACK_CHUNK, bound)), "vmap", ""
+    if loop_rate > best_rate:
+        reason = f"the per-candidate loop measured faster ({loop_rate:,.0f}/s against {best_rate:,.0f}/s with vmap)"
+        return max(1, min(FALLBACK_CHUNK, bound)), "loop", reason
+    return best_k, "vmap", f"vmap chunks of {best_k} measured fastest ({best_rate:,.0f}/s; loop {loop_rate:,.0f}/s)"
