@@ -5,11 +5,15 @@ The public API lives here; everything else is reachable but private.
 
 from .errors import ConfigError, SweepError, WeightsError
 from .evaluate import evaluate
+from .recipes import Affine, Noise, Recipe
 from .types import FAILED, INVALID, OK, Invalid
 from .validate import check_candidate
 
 __all__ = [
     "evaluate",
+    "Affine",
+    "Noise",
+    "Recipe",
     "check_candidate",
     "Invalid",
     "OK",

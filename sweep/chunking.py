@@ -74,8 +74,34 @@ def _timed(fn, repeat: int = 2) -> float:
     return best
 
 
+#: Choices already measured in this process, by what decides them (see `_signature`).
+_CHOSEN: Dict[tuple, Tuple[int, Optional[str], str]] = {}
+
+
+def _signature(ev: "Evaluator") -> tuple:
+    """What the measurement depends on: the module's class and tensors, the data's shapes, device, dtype."""
+    def shapes(value):
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), str(value.dtype))
+        if isinstance(value, (tuple, list)):
+            return tuple(shapes(v) for v in value)
+        return type(value).__name__
+
+    tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in ev.module.state_dict(keep_vars=True).items())
+    data = tuple((shapes(x), shapes(y)) for x, y, _ in ev.batches[:2])
+    return (type(ev.module).__qualname__, tensors, data, len(ev.batches), str(ev.device), str(ev.dtype),
+            ev.compile, getattr(ev.metrics, "__qualname__", repr(ev.metrics)), torch.get_num_threads())
+
+
 def choose_chunk_size(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
-    """(chunk size, mode 'vmap' | 'loop' | None when undecided, reason)."""
+    """(chunk size, mode 'vmap' | 'loop' | None when undecided, reason), measured once per process."""
+    key = _signature(ev)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _measure(ev)
+    return _CHOSEN[key]
+
+
+def _measure(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
     from .evaluate import CandidateError
 
     own = {n: p.detach() for n, p in ev.module.named_parameters()}

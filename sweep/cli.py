@@ -1,4 +1,4 @@
-"""The `sweep` command line: run | validate."""
+"""The `sweep` command line: run | validate | bench."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run of this name")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
+    bench = sub.add_parser("bench", help="measure the naive loop and the engine side by side on this machine")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--models", nargs="*", default=None, metavar="NAME",
+                       help="only models whose name contains one of these (mlp-32, mlp-784, gpt, cnn)")
+    bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to compile on CPUs)")
+    bench.add_argument("--scale", type=float, default=1.0, help="multiply every candidate count (default 1)")
+
     validate = sub.add_parser("validate", help="check a config without running it")
     validate.add_argument("config", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -42,6 +50,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _validate(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+
+            if args.device.startswith("cuda"):
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise SweepError(f"--device {args.device}: torch sees no CUDA device on this machine")
+            return bench_main(args.device, args.json, args.models, not args.no_compile, args.scale)
     except ConfigError as e:
         print(f"sweep: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG

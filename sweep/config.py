@@ -48,6 +48,7 @@ class ModelSection(Section):
     factory: str = Field(description="'package.module:function' returning a torch.nn.Module")
     kwargs: Dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
     weights: Optional[str] = Field(None, description="safetensors file loaded into the module (optional)")
+    seed: int = Field(0, ge=0, lt=2**63, description="torch seed the factory runs under, so every worker builds the same module")
 
     @field_validator("weights")
     @classmethod
@@ -75,6 +76,22 @@ class MetricsSection(Section):
     mode: Literal["min", "max"] = Field("min", description="whether lower or higher objective is better")
 
 
+class EvaluationSection(Section):
+    """How each worker evaluates a chunk of candidates."""
+
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 stores the materialised weights in bfloat16")
+    compile: bool = Field(False, description="torch.compile the vmapped call (compile time reported apart)")
+    chunk_size: Union[Literal["auto"], int] = Field(
+        "auto", description="candidates per vmapped call; auto measures at start-up")
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk(cls, v: Union[str, int]) -> Union[str, int]:
+        if isinstance(v, int) and not 1 <= v <= 1_000_000:
+            raise ValueError("must be 'auto' or an integer from 1 to 1000000")
+        return v
+
+
 class WorkersSection(Section):
     """Ray workers: how many, what each reserves, how work is batched."""
 
@@ -82,7 +99,8 @@ class WorkersSection(Section):
     cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     gpus: float = Field(0.0, ge=0, description="GPUs per worker; fractions share a device")
     device: str = Field("auto", description="'auto' (cuda when the worker has a GPU), 'cpu' or 'cuda[:N]'")
-    batch_size: int = Field(8, ge=1, le=1_000_000, description="candidates per task sent to a worker")
+    batch_size: Union[Literal["auto"], int] = Field(
+        "auto", description="candidates per task sent to a worker; auto: 8 files, or 4096 recipe rows")
     max_in_flight: int = Field(2, ge=1, le=64, description="tasks queued per worker")
 
     @field_validator("count")
@@ -90,6 +108,13 @@ class WorkersSection(Section):
     def _count(cls, v: Union[str, int]) -> Union[str, int]:
         if isinstance(v, int) and v < 1:
             raise ValueError("must be 'auto' or a positive integer")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v: Union[str, int]) -> Union[str, int]:
+        if isinstance(v, int) and not 1 <= v <= 1_000_000:
+            raise ValueError("must be 'auto' or an integer from 1 to 1000000")
         return v
 
     @field_validator("device")
@@ -114,6 +139,8 @@ class MlflowSink(Section):
     enabled: bool = True
     tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else MLflow's default")
     experiment: Optional[str] = Field(None, description="default: the sweep's name")
+    max_candidate_metrics: int = Field(
+        10_000, ge=0, description="sweeps with more candidates log summaries only, not one step per candidate")
 
 
 class SinksSection(Section):
@@ -140,6 +167,7 @@ class SweepConfig(Section):
     data: DataSection
     metrics: MetricsSection
     study: _study_union()  # type: ignore[valid-type]
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     workers: WorkersSection = Field(default_factory=WorkersSection)
     sinks: SinksSection = Field(default_factory=SinksSection)
 

@@ -273,6 +273,8 @@ class Evaluator:
     def _prepare(self, anchors: Mapping[str, Mapping[str, Any]]) -> Any:
         """Prepared anchors, or the error that makes every row of the recipe invalid."""
         base = anchors.get("base")
+        if base is None:  # the module's own parameters
+            base = {n: p.detach() for n, p in self.module.named_parameters()}
         directions = [anchors[k] for k in sorted((k for k in anchors if k.startswith("direction_")),
                                                    key=lambda k: int(k.split("_")[1]))]
         base_params, error = self.schema.check(base, self.device, finite=False)
@@ -308,7 +310,8 @@ class Evaluator:
     def _recipe_chunk(self, rows: Rows, prepared: Prepared) -> _Chunk:
         chunk = _Chunk(len(rows))
         with torch.no_grad():
-            flat = rows.materialise(prepared, self.device)
+            # Cast first: a value finite in float32 can overflow bfloat16.
+            flat = rows.materialise(prepared, self.device).to(self.dtype)
             finite = torch.isfinite(flat).all(dim=1)
         bad = (~finite).nonzero().flatten().tolist()
         for i in bad:

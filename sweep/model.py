@@ -53,9 +53,11 @@ def import_callable(spec: str) -> Callable[..., Any]:
 
 
 def build_module(factory: str, kwargs: Optional[Mapping[str, Any]] = None,
-                 weights: Optional[Dict[str, torch.Tensor]] = None) -> torch.nn.Module:
-    """Call the factory and, when weights are given, load them strictly."""
-    module = import_callable(factory)(**dict(kwargs or {}))
+                 weights: Optional[Dict[str, torch.Tensor]] = None, seed: int = 0) -> torch.nn.Module:
+    """Call the factory under a fixed seed (every worker builds the same module) and load weights strictly."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = import_callable(factory)(**dict(kwargs or {}))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"model factory {factory!r} returned a {type(module).__name__}, not a torch.nn.Module")
     if weights is not None:

@@ -30,13 +30,16 @@ def anchor_key(anchors: AnchorSet) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(anchors):
         h.update(name.encode())
+        if anchors[name] is None:  # the module's own parameters
+            h.update(b"<module>")
+            continue
         for key in sorted(anchors[name]):
             t = anchors[name][key]
             h.update(key.encode())
             if isinstance(t, torch.Tensor):
                 h.update(f"{tuple(t.shape)}{t.dtype}".encode())
                 if t.device.type != "meta":
-                    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             else:
                 h.update(repr(type(t)).encode())
     return h.hexdigest()
@@ -91,19 +94,24 @@ class Rows:
 class AffineRows(Rows):
     coeffs: np.ndarray  # [k, D] float64
     names: List[str]
+    #: columns shown instead of the coefficients (a path's `alpha`, say)
+    extra: Optional[Dict[str, np.ndarray]] = None
 
     def __len__(self) -> int:
         return int(self.coeffs.shape[0])
 
     def slice(self, start: int, stop: int) -> "AffineRows":
-        return AffineRows(self.coeffs[start:stop], self.names)
+        extra = {k: v[start:stop] for k, v in self.extra.items()} if self.extra is not None else None
+        return AffineRows(self.coeffs[start:stop], self.names, extra)
 
     def columns(self) -> Dict[str, pa.Array]:
+        if self.extra is not None:
+            return {name: pa.array(values) for name, values in self.extra.items()}
         return {name: pa.array(self.coeffs[:, d], pa.float64()) for d, name in enumerate(self.names)}
 
     def materialise(self, prepared: Prepared, device: torch.device) -> torch.Tensor:
         base = prepared.flats["base"]
-        coeffs = torch.as_tensor(self.coeffs, dtype=torch.float32).to(device, non_blocking=True)
+        coeffs = torch.tensor(self.coeffs, dtype=torch.float32).to(device, non_blocking=True)
         dirs = prepared.flats["directions"]  # [D, P]
         return torch.addmm(base.unsqueeze(0), coeffs, dirs)
 
@@ -195,11 +203,11 @@ class Noise(Recipe):
     Each candidate's noise comes from a generator seeded with its own seed, so
     the same seed gives the same candidate on any run on the same kind of
     device. Only floating parameters are perturbed; buffers come from `base`
-    (or the module).
+    (or the module). `base=None` perturbs the module's own parameters.
     """
 
-    def __init__(self, base: ParamDict, sigma: float, seeds: Any):
-        self.base = _as_dict(base, "base")
+    def __init__(self, base: Optional[ParamDict], sigma: float, seeds: Any):
+        self.base = None if base is None else _as_dict(base, "base")
         self.sigma = float(sigma)
         if not np.isfinite(self.sigma):
             raise ValueError(f"sigma must be finite, got {sigma}")
@@ -211,7 +219,7 @@ class Noise(Recipe):
         self.seeds = seeds.astype(np.int64)
 
     def anchors(self) -> AnchorSet:
-        return {"base": self.base}
+        return {"base": self.base}  # type: ignore[dict-item]
 
     def rows(self) -> NoiseRows:
         return NoiseRows(self.seeds, self.sigma)

@@ -58,13 +58,17 @@ class Tally:
             self.problems.extend(bad.select(columns).to_pylist()[: self.MAX_PROBLEMS - len(self.problems)])
         if self.objective is None or self.objective not in table.column_names:
             return
-        ids = table.column("candidate_id").to_pylist()
-        for cid, value in zip(ids, table.column(self.objective).to_pylist()):
-            if value is None or not math.isfinite(value):
-                continue
-            better = self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value)
-            if better:
-                self.best_value, self.best_id = value, cid
+        values = table.column(self.objective)
+        finite = pc.and_kleene(pc.is_finite(values), pc.is_valid(values))
+        values = pc.filter(values, pc.fill_null(finite, False))
+        if len(values) == 0:
+            return
+        index = pc.index(values, pc.min(values) if self.mode == "min" else pc.max(values)).as_py()
+        value = values[index].as_py()
+        better = self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value)
+        if better:
+            ids = pc.filter(table.column("candidate_id"), pc.fill_null(finite, False))
+            self.best_value, self.best_id = value, ids[index].as_py()
 
     def summary(self) -> Dict[str, Any]:
         seconds = time.monotonic() - self.started

@@ -23,8 +23,10 @@ def resolve_device(requested: str, gpus: float) -> torch.device:
 def build_evaluator(config: SweepConfig, weights: Optional[Dict[str, torch.Tensor]] = None,
                     device: Optional[torch.device] = None) -> Evaluator:
     """The module from its factory (and weights), the data from its loader, ready on `device`."""
-    module = build_module(config.model.factory, config.model.kwargs, weights)
+    module = build_module(config.model.factory, config.model.kwargs, weights, seed=config.model.seed)
     device = device or resolve_device(config.workers.device, config.workers.gpus)
     data = import_callable(config.data.loader)(**config.data.kwargs)
     metrics = import_callable(config.metrics.function)
-    return Evaluator(module, data, metrics, device=device)
+    e = config.evaluation
+    return Evaluator(module, data, metrics, device=device, precision=e.precision, compile=e.compile,
+                     chunk_size=None if e.chunk_size == "auto" else e.chunk_size)

@@ -14,20 +14,23 @@ import torch
 from sweep.config import SweepConfig
 from sweep.evaluate import CandidateError
 from sweep.model import load_weights
-from sweep.studies.base import CandidateBatch
+from sweep.studies.base import CandidateBatch, RecipeBatch
 from sweep.workload import build_evaluator, resolve_device
 
 
 class EvalWorker:
     """Builds the module once from the config (and weights), then evaluates batches."""
 
-    def __init__(self, config: Dict[str, Any], weights: Optional[bytes] = None, weights_name: str = ""):
+    def __init__(self, config: Dict[str, Any], weights: Optional[bytes] = None, weights_name: str = "",
+                 anchor_refs: Optional[Dict[str, Any]] = None):
         cfg = SweepConfig.model_validate(config, context={"check_files": False})
         torch.set_num_threads(max(1, int(cfg.workers.cpus)))
         device = resolve_device(cfg.workers.device, cfg.workers.gpus)
         tensors = load_weights(weights, weights_name) if weights is not None else None
         self.evaluator = build_evaluator(cfg, tensors, device)
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+        # Object refs of each recipe's anchors, fetched on first use and kept on the device.
+        self.anchor_refs = dict(anchor_refs or {})
         try:
             self.metric_names = self.evaluator.probe_metric_names()
             self.setup_error = None
@@ -43,17 +46,25 @@ class EvalWorker:
             "worker": self.name,
             "device": str(self.evaluator.device),
             "metric_names": list(self.metric_names),
+            "mode": self.evaluator.mode,
+            "chunk_size": self.evaluator.chunk_size,
             "error": self.setup_error,
         }
 
     def evaluate(self, batch: CandidateBatch) -> pa.Table:
-        start = time.perf_counter()
-        candidates = batch.source.candidates()
-        table = self.evaluator.run(candidates, batch.ids, timing=True)
-        # Time spent making the candidates (parsing files) is shared out over the batch.
-        overhead = (time.perf_counter() - start - sum(table.column("eval_seconds").to_pylist())) / max(1, len(batch))
-        seconds = pc.add(table.column("eval_seconds"), max(0.0, overhead))
-        table = table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds", seconds)
+        if isinstance(batch.source, RecipeBatch):
+            key = batch.source.key
+            if not self.evaluator.has_anchors(key):
+                self.evaluator.add_anchors(ray.get(self.anchor_refs[key]), key)
+            table = self.evaluator.run_rows(batch.source.rows, key, batch.ids, timing=True)
+        else:
+            start = time.perf_counter()
+            candidates = batch.source.candidates()
+            made = time.perf_counter() - start
+            table = self.evaluator.run(candidates, batch.ids, timing=True)
+            # Time spent making the candidates (parsing files) is shared out over the batch.
+            seconds = pc.add(table.column("eval_seconds"), made / max(1, len(batch)))
+            table = table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds", seconds)
         for name, values in batch.columns.items():
             table = table.append_column(name, pa.array(values))
         return table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))

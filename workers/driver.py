@@ -119,9 +119,11 @@ def run(
     count = worker_count(config)
     options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
     weights_ref = ray.put(weights) if weights is not None else None
+    # Each recipe's anchors enter the object store once; workers fetch them on first use.
+    anchor_refs = {key: ray.put(anchors) for key, anchors in study.anchors().items()}
     spec = config.to_dict()
     actors = [
-        RemoteEvalWorker.options(**options).remote(spec, weights_ref, config.model.weights or "")
+        RemoteEvalWorker.options(**options).remote(spec, weights_ref, config.model.weights or "", anchor_refs)
         for _ in range(count)
     ]
     try:
@@ -161,7 +163,7 @@ def run(
             tags={**{f"sweep.version.{k}": v for k, v in versions().items()},
                   "sweep.git_commit": git_commit(), "sweep.config_digest": config.digest(),
                   "sweep.workers": str(count)},
-            metric_names=metric_names,
+            metric_names=metric_names if len(study) <= config.sinks.mlflow.max_candidate_metrics else (),
         )
         sinks.append(mlflow_sink)
 
@@ -171,7 +173,10 @@ def run(
     completed = False
     try:
         with reporter:
-            for _, table in pool.map_unordered(study.batches(config.workers.batch_size)):
+            batch_size = config.workers.batch_size
+            if batch_size == "auto":
+                batch_size = study.default_batch_size
+            for _, table in pool.map_unordered(study.batches(batch_size)):
                 for sink in sinks:
                     sink.write(table)
                 tally.update(table)

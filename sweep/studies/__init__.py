@@ -8,10 +8,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from . import checkpoints
+from . import checkpoints, interpolate, perturb
 
 STUDIES: Dict[str, ModuleType] = {
     "checkpoints": checkpoints,
+    "interpolate": interpolate,
+    "perturb": perturb,
 }
 
 

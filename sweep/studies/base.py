@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Protocol, Sequence
+from typing import Any, Dict, Iterator, List, Protocol, Sequence, Union
 
 import pyarrow as pa
+
+from ..recipes import AnchorSet, Rows
 
 
 class CandidateSource(Protocol):
@@ -17,12 +19,20 @@ class CandidateSource(Protocol):
 
 
 @dataclass
+class RecipeBatch:
+    """Rows of a recipe whose anchors the worker already holds (or fetches once) by `key`."""
+
+    key: str
+    rows: Rows
+
+
+@dataclass
 class CandidateBatch:
     """Candidates `ids`, the recipe columns that describe them, and how to make them."""
 
     ids: List[int]
     columns: Dict[str, List[Any]]
-    source: CandidateSource
+    source: Union[CandidateSource, RecipeBatch]
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -34,6 +44,12 @@ class Study(Protocol):
 
     #: the recipe columns this study adds to each row, with their Arrow types
     columns: Dict[str, pa.DataType]
+    #: candidates per batch sent to a worker when the config says 'auto'
+    default_batch_size: int
+
+    def anchors(self) -> Dict[str, AnchorSet]:
+        """Anchor sets by key, shipped to each worker once (empty for explicit studies)."""
+        ...
 
     def __len__(self) -> int: ...
 

@@ -84,12 +84,16 @@ class FileContents:
 
 class Checkpoints:
     columns = {"path": pa.string()}
+    default_batch_size = 8
 
     def __init__(self, config: Config):
         self.paths = expand(config.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def anchors(self) -> dict:
+        return {}
 
     def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
         todo = [i for i in range(len(self.paths)) if i not in skip]

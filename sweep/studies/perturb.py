@@ -1,0 +1,91 @@
+"""Study kind `perturb`: `count` seeded Gaussian perturbations of a base.
+
+Candidate k is base + sigma·ε with ε drawn on the worker's device from a
+generator seeded with `seed · 2**32 + k`, so the same config gives the same
+candidates on any run. Batches carry only seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, ValidationInfo, field_validator
+
+from ..config import Section, checks_files, resolve_path
+from ..errors import ConfigError, WeightsError
+from ..model import read_weights_file
+from ..recipes import AnchorSet, NoiseRows, anchor_key
+from .base import CandidateBatch, RecipeBatch
+
+#: Largest `count` one sweep may ask for.
+MAX_COUNT = 1_000_000_000
+#: Candidate k of a sweep with `seed` uses generator seed `seed * SEED_STRIDE + k`.
+SEED_STRIDE = 2**32
+
+
+class Config(Section):
+    """Evaluate `count` perturbations base + sigma·N(0, I)."""
+
+    kind: Literal["perturb"]
+    base: Optional[str] = Field(None, description="weights file to perturb (default: the model's own weights)")
+    sigma: float = Field(gt=0, description="standard deviation of the noise")
+    count: int = Field(ge=1, le=MAX_COUNT, description="how many perturbations")
+    seed: int = Field(0, ge=0, lt=2**31, description="the sweep's seed")
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is None:
+            return v
+        path = resolve_path(v, info)
+        if checks_files(info) and not Path(path).is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma(cls, v: float) -> float:
+        if not np.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class Perturb:
+    columns = {"seed": pa.int64()}
+    default_batch_size = 4096
+
+    def __init__(self, config: Config):
+        base = None
+        if config.base is not None:
+            try:
+                base = read_weights_file(config.base)
+            except WeightsError as e:
+                raise ConfigError(f"study.base: {e}") from None
+        self._anchors: AnchorSet = {"base": base}  # type: ignore[dict-item]
+        self.key = anchor_key(self._anchors)
+        self.count = config.count
+        self.sigma = config.sigma
+        self.seed = config.seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def anchors(self) -> Dict[str, AnchorSet]:
+        return {self.key: self._anchors}
+
+    def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
+        for start in range(0, self.count, batch_size):
+            ids = np.arange(start, min(self.count, start + batch_size), dtype=np.int64)
+            if skip:
+                ids = ids[[i not in skip for i in ids.tolist()]]
+                if not len(ids):
+                    continue
+            rows = NoiseRows(self.seed * SEED_STRIDE + ids, self.sigma)
+            yield CandidateBatch(ids.tolist(), {}, RecipeBatch(self.key, rows))
+
+
+def plan(config: Config) -> Perturb:
+    return Perturb(config)
