@@ -616,7 +616,7 @@ def test_module_and_caller_tensors_unchanged(snap):
 def test_bf16_overflow_marks_only_that_row_invalid():
     module = torch.nn.Linear(2, 1)
     base = {n: p.detach().clone() for n, p in module.named_parameters()}
-    direction = {n: torch.full_like(p, 3.0e38) for n, p in module.named_parameters()}
+    direction = {n: torch.full_like(p, 3.4e38) for n, p in module.named_parameters()}  # finite in fp32, inf in bf16
     x = torch.ones(4, 2)
     table = sweep.evaluate(module, sweep.Affine(base, [direction], torch.tensor([[0.0], [1.0]])),
                            [(x, torch.zeros(4, 1))], lambda o, y: {"m": o.mean()}, precision="bf16")
