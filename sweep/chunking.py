@@ -26,6 +26,9 @@ MEMORY_FRACTION_CUDA = 0.5
 MEMORY_FRACTION_CPU = 0.25
 #: Chunk size when nothing can be measured.
 FALLBACK_CHUNK = 256
+#: Bytes of weights materialised at once when candidates are evaluated one at a time:
+#: small enough that each candidate is still in cache when its forward reads it.
+LOOP_CHUNK_BYTES = 8 * 1024**2
 #: Chunk size with torch.compile (every new size would compile again).
 COMPILED_CHUNK = 1024
 
@@ -63,6 +66,11 @@ def activation_bytes(ev: "Evaluator", params: Dict[str, torch.Tensor], shared: D
         for h in handles:
             h.remove()
     return total
+
+
+def loop_chunk(param_bytes: int, bound: int) -> int:
+    """Candidates materialised at once for the loop: enough to amortise the call, few enough to stay in memory."""
+    return max(1, min(FALLBACK_CHUNK, bound, LOOP_CHUNK_BYTES // max(param_bytes, 1)))
 
 
 def _timed(fn, repeat: int = 2) -> float:
@@ -150,5 +158,5 @@ def _measure(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
         return max(1, min(FALLBACK_CHUNK, bound)), "vmap", ""
     if loop_rate > best_rate:
         reason = f"the per-candidate loop measured faster ({loop_rate:,.0f}/s against {best_rate:,.0f}/s with vmap)"
-        return max(1, min(FALLBACK_CHUNK, bound)), "loop", reason
+        return loop_chunk(param_bytes, bound), "loop", reason
     return best_k, "vmap", f"vmap chunks of {best_k} measured fastest ({best_rate:,.0f}/s; loop {loop_rate:,.0f}/s)"

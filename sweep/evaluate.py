@@ -25,6 +25,8 @@ from .types import FAILED, INVALID, OK, Batch, Invalid, MetricsFn
 from .validate import Schema
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: A row bounded below this fraction of the dtype's largest value cannot overflow when cast.
+SAFE_FRACTION = 0.5
 #: Chunk size for explicit dicts and recipes when none is chosen or measured.
 DEFAULT_CHUNK = 256
 
@@ -187,8 +189,13 @@ class Evaluator:
         `ids` replaces 0…N−1 as `candidate_id`; `timing` adds `eval_seconds`.
         """
         if isinstance(candidates, Recipe):
-            key = self.add_anchors(candidates.anchors())
-            return self.run_rows(candidates.rows(), key, ids, timing=timing)
+            # Prepared for this call only: no content hash needed to share it.
+            key = f"call-{id(candidates)}"
+            self._anchors[key] = self._prepare(candidates.anchors())
+            try:
+                return self.run_rows(candidates.rows(), key, ids, timing=timing)
+            finally:
+                del self._anchors[key]
         chunks = []
         iterator = iter(candidates)
         while True:
@@ -311,13 +318,25 @@ class Evaluator:
         chunk = _Chunk(len(rows))
         with torch.no_grad():
             # Cast first: a value finite in float32 can overflow bfloat16.
-            flat = rows.materialise(prepared, self.device).to(self.dtype)
-            finite = torch.isfinite(flat).all(dim=1)
-        bad = (~finite).nonzero().flatten().tolist()
+            flat = rows.materialise(prepared, self.device, out=prepared.scratch(len(rows))).to(self.dtype)
+            bound = rows.bound(prepared, self.device)
+            if bound is not None:
+                # Rows whose values are bounded well inside the dtype's range are finite.
+                suspect = (~(bound < SAFE_FRACTION * torch.finfo(self.dtype).max)).nonzero().flatten()
+            else:
+                # A row with NaN or inf has a non-finite sum; only those rows (and
+                # rows whose finite values overflow the sum) get the exact check.
+                suspect = (~torch.isfinite(flat.sum(dim=1, dtype=torch.float32))).nonzero().flatten()
+            if len(suspect):
+                exact = torch.isfinite(flat.index_select(0, suspect)).all(dim=1)
+                bad = suspect[~exact].tolist()
+            else:
+                bad = []
         for i in bad:
             chunk.mark(i, INVALID, _nonfinite_error(flat[i], prepared))
         batched = prepared.unflatten(flat, self.dtype)
-        rows_ok = [i for i in range(len(rows)) if i not in set(bad)] if bad else list(range(len(rows)))
+        dropped = set(bad)
+        rows_ok = [i for i in range(len(rows)) if i not in dropped]
         if rows_ok:
             if bad:
                 index = torch.tensor(rows_ok, device=self.device)

@@ -21,6 +21,8 @@ from .types import ParamDict
 AnchorSet = Dict[str, Dict[str, torch.Tensor]]
 """Anchor name ('base', 'direction_0', …) → parameter dict."""
 
+#: Above this many directions an Affine chunk is one addmm; below, one addcmul per direction.
+ADDMM_DIRECTIONS = 4
 #: Seeds of `Noise` candidates must fit a torch generator seed.
 MAX_SEED = 2**63 - 1
 
@@ -60,6 +62,17 @@ class Prepared:
         self.sizes = [int(np.prod(s)) if s else 1 for s in shapes]
         self.flats = flats  # anchor name -> [P] float32 (all batched keys concatenated)
         self.shared = shared
+        # Largest magnitude in each anchor (inf when it holds NaN or inf): bounds
+        # every materialised value, so most chunks need no full finite check.
+        self.absmax = {name: _absmax(t) for name, t in flats.items()}
+        self._scratch: Optional[torch.Tensor] = None
+
+    def scratch(self, k: int) -> torch.Tensor:
+        """A reused [k, P] float32 buffer for one chunk: no fresh allocation (and page faults) per chunk."""
+        p = self.flats["base"].numel()
+        if self._scratch is None or self._scratch.shape[0] < k:
+            self._scratch = torch.empty((k, p), dtype=torch.float32, device=self.flats["base"].device)
+        return self._scratch[:k]
 
     def unflatten(self, flat: torch.Tensor, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
         """[k, P] → {name: [k, *shape]} in `dtype` (one cast for the whole chunk)."""
@@ -70,6 +83,14 @@ class Prepared:
         for name, shape, part in zip(self.names, self.shapes, torch.split(flat, self.sizes, dim=1)):
             out[name] = part.reshape((k,) + tuple(shape))
         return out
+
+
+def _absmax(t: torch.Tensor) -> torch.Tensor:
+    """Per-row max |value| of `t` ([P] → scalar, [D, P] → [D]); inf where a row is not finite."""
+    if t.numel() == 0:
+        return torch.zeros(t.shape[:-1], device=t.device)
+    m = t.abs().amax(dim=-1)
+    return torch.where(torch.isfinite(t).all(dim=-1), m, torch.full_like(m, float("inf")))
 
 
 @dataclass
@@ -85,9 +106,13 @@ class Rows:
     def columns(self) -> Dict[str, pa.Array]:
         raise NotImplementedError
 
-    def materialise(self, prepared: Prepared, device: torch.device) -> torch.Tensor:
-        """The chunk as one [k, P] float32 tensor on `device`."""
+    def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The chunk as one [k, P] float32 tensor on `device` (written into `out` when given)."""
         raise NotImplementedError
+
+    def bound(self, prepared: Prepared, device: torch.device) -> Optional[torch.Tensor]:
+        """An upper bound on each row's largest |value| ([k]), or None when there is none."""
+        return None
 
 
 @dataclass
@@ -109,11 +134,27 @@ class AffineRows(Rows):
             return {name: pa.array(values) for name, values in self.extra.items()}
         return {name: pa.array(self.coeffs[:, d], pa.float64()) for d, name in enumerate(self.names)}
 
-    def materialise(self, prepared: Prepared, device: torch.device) -> torch.Tensor:
+    def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         base = prepared.flats["base"]
         coeffs = torch.tensor(self.coeffs, dtype=torch.float32).to(device, non_blocking=True)
         dirs = prepared.flats["directions"]  # [D, P]
-        return torch.addmm(base.unsqueeze(0), coeffs, dirs)
+        if out is None:
+            out = torch.empty((len(self), base.numel()), dtype=torch.float32, device=device)
+        if dirs.shape[0] > ADDMM_DIRECTIONS:
+            return torch.addmm(base.unsqueeze(0), coeffs, dirs, out=out)
+        # Few directions: fused multiply-adds beat a GEMM whose inner dimension is D.
+        torch.addcmul(base.unsqueeze(0), coeffs[:, :1], dirs[:1], out=out)
+        for d in range(1, dirs.shape[0]):
+            out.addcmul_(coeffs[:, d : d + 1], dirs[d : d + 1])
+        return out
+
+    def bound(self, prepared: Prepared, device: torch.device) -> Optional[torch.Tensor]:
+        # |base + Σ c·dir| ≤ max|base| + Σ |c|·max|dir|, in float64 to keep the bound honest.
+        coeffs = torch.tensor(np.abs(self.coeffs), dtype=torch.float64).to(device)
+        dirs = prepared.absmax["directions"].to(torch.float64)
+        bound = prepared.absmax["base"].to(torch.float64) + coeffs @ dirs
+        # 0·inf is NaN: a non-finite direction makes every row suspect, as it should.
+        return torch.nan_to_num(bound, nan=float("inf"))
 
 
 @dataclass
@@ -130,9 +171,10 @@ class NoiseRows(Rows):
     def columns(self) -> Dict[str, pa.Array]:
         return {"seed": pa.array(self.seeds, pa.int64())}
 
-    def materialise(self, prepared: Prepared, device: torch.device) -> torch.Tensor:
+    def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         base = prepared.flats["base"]
-        out = torch.empty((len(self), base.numel()), dtype=torch.float32, device=device)
+        if out is None:
+            out = torch.empty((len(self), base.numel()), dtype=torch.float32, device=device)
         generator = torch.Generator(device=device)
         for i, seed in enumerate(self.seeds.tolist()):
             generator.manual_seed(int(seed))
