@@ -334,6 +334,9 @@ class Evaluator:
                 bad = []
         for i in bad:
             chunk.mark(i, INVALID, _nonfinite_error(flat[i], prepared))
+        if self.compile and self.chunk_size and len(rows) < self.chunk_size and not bad:
+            # One shape (and layout) for the compiled call: pad with copies of the last row.
+            flat = torch.cat([flat, flat[-1:].expand(self.chunk_size - len(rows), flat.shape[1])])
         batched = prepared.unflatten(flat, self.dtype)
         dropped = set(bad)
         rows_ok = [i for i in range(len(rows)) if i not in dropped]
@@ -357,7 +360,7 @@ class Evaluator:
         """Evaluate k stacked candidates; rows[i] is where candidate i's result goes in `chunk`."""
         if self.mode != "loop":
             try:
-                values = self._vmap_values(batched, shared, len(rows))
+                values = self._vmap_values(batched, shared, next(iter(batched.values())).shape[0] if batched else len(rows))
             except Exception as e:  # noqa: BLE001 - any failure: the loop decides what it was
                 self._loop_chunk(batched, shared, rows, chunk, vmap_error=e)
                 return
@@ -365,7 +368,7 @@ class Evaluator:
                 self.mode = "vmap"
             for name, array in values.items():
                 column = chunk.values.setdefault(name, np.full(chunk.k, np.nan))
-                column[rows] = array
+                column[rows] = array[: len(rows)]  # a padded chunk has extra rows at the end
             return
         self._loop_chunk(batched, shared, rows, chunk)
 
@@ -429,12 +432,18 @@ class Evaluator:
                 return metrics(to_float(out), y)
 
             call = torch.vmap(one, in_dims=(0, None, None, None), randomness="different")
-            self._vmapped = torch.compile(call) if self.compile else call
+            self._vmapped = torch.compile(call, dynamic=False) if self.compile else call
         return self._vmapped
 
     def _vmap_values(self, batched, shared, k: int,
                      batches: Optional[List[Tuple[Any, Any, int]]] = None) -> Dict[str, np.ndarray]:
         call = self._vmap_call()
+        if self.compile and self.chunk_size and k < self.chunk_size:
+            # One shape for the compiled call: pad the short chunk with copies of its last row.
+            pad = self.chunk_size - k
+            batched = {n: torch.cat([t, t[-1:].expand((pad,) + tuple(t.shape[1:]))]) for n, t in batched.items()}
+            values = self._vmap_values(batched, shared, self.chunk_size, batches)
+            return {name: v[:k] for name, v in values.items()}
         sums: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for x, y, n in batches or self.batches:
