@@ -29,8 +29,6 @@ FALLBACK_CHUNK = 256
 #: Bytes of weights materialised at once when candidates are evaluated one at a time:
 #: small enough that each candidate is still in cache when its forward reads it.
 LOOP_CHUNK_BYTES = 8 * 1024**2
-#: Chunk size with torch.compile (every new size would compile again).
-COMPILED_CHUNK = 1024
 
 
 def memory_budget(device: torch.device) -> int:
@@ -123,8 +121,6 @@ def _measure(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
     except Exception:  # noqa: BLE001 - the module's own forward fails: let the chunks tell
         return FALLBACK_CHUNK, None, ""
     bound = max(1, memory_budget(ev.device) // max(per_candidate, 1))
-    if ev.compile:
-        return max(1, min(COMPILED_CHUNK, bound)), None, ""
 
     first = ev.batches[:1]
     stacked1 = {n: t.unsqueeze(0) for n, t in one.items()}
@@ -141,8 +137,9 @@ def _measure(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
             break
         batched = {n: t.expand((k,) + tuple(t.shape)).contiguous() for n, t in one.items()}
         try:
-            ev._vmap_values(batched, shared, k, batches=first)  # warm-up
-            seconds = _timed(lambda: (ev._vmap_values(batched, shared, k, batches=first), sync()))
+            # Measured without torch.compile: compiling every trial size would take minutes.
+            ev._vmap_values(batched, shared, k, batches=first, compiled=False)  # warm-up
+            seconds = _timed(lambda: (ev._vmap_values(batched, shared, k, batches=first, compiled=False), sync()))
         except Exception as e:  # noqa: BLE001 - the first real chunk decides and warns
             if best_k == 0:
                 return FALLBACK_CHUNK, None, ""

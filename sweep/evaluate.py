@@ -158,7 +158,7 @@ class Evaluator:
         self.mode: Optional[str] = None  # "vmap" or "loop", decided on the first chunk
         self.mode_reason = ""
         self.compile_seconds = 0.0
-        self._vmapped: Optional[Callable[..., Any]] = None
+        self._calls: Dict[Tuple[str, bool], Callable[..., Any]] = {}
         self._anchors: Dict[str, Any] = {}
         self._modes = [(m, m.training) for m in module.modules()]
         module.eval()
@@ -374,9 +374,10 @@ class Evaluator:
 
     def _loop_chunk(self, batched, shared, rows, chunk, vmap_error: Optional[BaseException] = None) -> None:
         any_ok = False
+        compiled = self.compile and self.mode == "loop"
         for i, row in enumerate(rows):
             try:
-                values = self._loop_row(batched, shared, i)
+                values = self._loop_row(batched, shared, i, compiled=compiled)
             except CandidateError as e:
                 chunk.mark(row, FAILED, str(e))
                 continue
@@ -395,7 +396,8 @@ class Evaluator:
             )
 
     def _loop_row(self, batched: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor], i: int,
-                  batches: Optional[List[Tuple[Any, Any, int]]] = None) -> Dict[str, float]:
+                  batches: Optional[List[Tuple[Any, Any, int]]] = None, compiled: bool = False) -> Dict[str, float]:
+        call = self._call("single", True) if compiled else None
         tensors = {n: t[i] for n, t in batched.items()}
         for n, b in shared.items():
             # Buffers are cloned per candidate so a forward that writes to them
@@ -405,8 +407,11 @@ class Evaluator:
         try:
             with torch.no_grad():
                 for x, y, n in batches or self.batches:
-                    out = self._to_float(functional_call(self.module, tensors, (x,), strict=True))
-                    for name, value in self._check_metrics(self.metrics(out, y)).items():
+                    if call is not None:
+                        got = call(tensors, {}, x, y)
+                    else:
+                        got = self.metrics(self._to_float(functional_call(self.module, tensors, (x,), strict=True)), y)
+                    for name, value in self._check_metrics(got).items():
                         term = value * n
                         sums[name] = sums[name] + term if name in sums else term
         except CandidateError:
@@ -423,31 +428,34 @@ class Evaluator:
             return out
         return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)
 
-    def _vmap_call(self) -> Callable[..., Any]:
-        if self._vmapped is None:
+    def _call(self, kind: str, compiled: bool) -> Callable[..., Any]:
+        """The forward-and-metrics call for one candidate ('single') or a stacked chunk ('vmap')."""
+        key = (kind, compiled)
+        if key not in self._calls:
             module, metrics, to_float = self.module, self.metrics, self._to_float
 
             def one(params, shared, x, y):
                 out = functional_call(module, (params, shared), (x,), strict=True)
                 return metrics(to_float(out), y)
 
-            call = torch.vmap(one, in_dims=(0, None, None, None), randomness="different")
-            self._vmapped = torch.compile(call, dynamic=False) if self.compile else call
-        return self._vmapped
+            call = one if kind == "single" else torch.vmap(one, in_dims=(0, None, None, None), randomness="different")
+            self._calls[key] = torch.compile(call, dynamic=False) if compiled else call
+        return self._calls[key]
 
-    def _vmap_values(self, batched, shared, k: int,
-                     batches: Optional[List[Tuple[Any, Any, int]]] = None) -> Dict[str, np.ndarray]:
-        call = self._vmap_call()
-        if self.compile and self.chunk_size and k < self.chunk_size:
+    def _vmap_values(self, batched, shared, k: int, batches: Optional[List[Tuple[Any, Any, int]]] = None,
+                     compiled: Optional[bool] = None) -> Dict[str, np.ndarray]:
+        compiled = self.compile if compiled is None else compiled
+        call = self._call("vmap", compiled)
+        if compiled and self.chunk_size and k < self.chunk_size:
             # One shape for the compiled call: pad the short chunk with copies of its last row.
             pad = self.chunk_size - k
             batched = {n: torch.cat([t, t[-1:].expand((pad,) + tuple(t.shape[1:]))]) for n, t in batched.items()}
-            values = self._vmap_values(batched, shared, self.chunk_size, batches)
+            values = self._vmap_values(batched, shared, self.chunk_size, batches, compiled)
             return {name: v[:k] for name, v in values.items()}
         sums: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for x, y, n in batches or self.batches:
-                first = self.compile and self.compile_seconds == 0.0
+                first = compiled and self.compile_seconds == 0.0
                 t0 = time.perf_counter()
                 got = call(batched, shared, x, y)
                 if first:
