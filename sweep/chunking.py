@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 #: Chunk sizes tried, smallest first.
 TRIAL_SIZES = (8, 32, 128, 512, 2048, 8192)
+#: Each trial size is timed over at least this long (short calls are noisy).
+TRIAL_SECONDS = 0.015
 #: A trial slower than this ends the search (bigger chunks only take longer).
 MAX_TRIAL_SECONDS = 0.5
 #: Fraction of free device memory (or available RAM) a chunk may use.
@@ -71,12 +73,14 @@ def loop_chunk(param_bytes: int, bound: int) -> int:
     return max(1, min(FALLBACK_CHUNK, bound, LOOP_CHUNK_BYTES // max(param_bytes, 1)))
 
 
-def _timed(fn, repeat: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeat):
+def _timed(fn, min_seconds: float = TRIAL_SECONDS, max_repeat: int = 20) -> float:
+    """Best of several calls: at least two, more while they add up to under `min_seconds`."""
+    best, spent, count = float("inf"), 0.0, 0
+    while count < 2 or (spent < min_seconds and count < max_repeat):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent, count = min(best, elapsed), spent + elapsed, count + 1
     return best
 
 

@@ -91,18 +91,22 @@ class CandidateError(Exception):
     """A candidate whose forward or metrics failed; the row becomes `failed`."""
 
 
+_STATUS_NAMES = np.array([OK, INVALID, FAILED], dtype=object)
+_STATUS_CODES = {OK: 0, INVALID: 1, FAILED: 2}
+
+
 class _Chunk:
     """Statuses, errors and metric values of k rows, filled in as a chunk is evaluated."""
 
     def __init__(self, k: int):
         self.k = k
-        self.status: List[str] = [OK] * k
-        self.error: List[Optional[str]] = [None] * k
+        self.codes = np.zeros(k, dtype=np.int8)  # index into _STATUS_NAMES
+        self.errors: Dict[int, str] = {}
         self.values: Dict[str, np.ndarray] = {}
 
     def mark(self, i: int, status: str, error: str) -> None:
-        self.status[i] = status
-        self.error[i] = error
+        self.codes[i] = _STATUS_CODES[status]
+        self.errors[i] = error
 
 
 class Evaluator:
@@ -274,7 +278,7 @@ class Evaluator:
             parts = [p[n] if n in p else self.buffers[n] for _, p in valid]
             batched[n] = self._cast(torch.stack([t.detach().to(self.device) for t in parts]))
         shared = self._shared(skip=keys)
-        self._evaluate_stacked(batched, shared, [i for i, _ in valid], chunk)
+        self._evaluate_stacked(batched, shared, np.array([i for i, _ in valid]), chunk)
         return chunk
 
     def _prepare(self, anchors: Mapping[str, Mapping[str, Any]]) -> Any:
@@ -338,11 +342,10 @@ class Evaluator:
             # One shape (and layout) for the compiled call: pad with copies of the last row.
             flat = torch.cat([flat, flat[-1:].expand(self.chunk_size - len(rows), flat.shape[1])])
         batched = prepared.unflatten(flat, self.dtype)
-        dropped = set(bad)
-        rows_ok = [i for i in range(len(rows)) if i not in dropped]
-        if rows_ok:
+        rows_ok = np.delete(np.arange(len(rows)), bad) if bad else np.arange(len(rows))
+        if len(rows_ok):
             if bad:
-                index = torch.tensor(rows_ok, device=self.device)
+                index = torch.as_tensor(rows_ok, device=self.device)
                 batched = {n: t.index_select(0, index) for n, t in batched.items()}
             self._evaluate_stacked(batched, prepared.shared, rows_ok, chunk)
         return chunk
@@ -356,7 +359,7 @@ class Evaluator:
         return self.chunk_size
 
     def _evaluate_stacked(self, batched: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor],
-                          rows: List[int], chunk: _Chunk) -> None:
+                          rows: np.ndarray, chunk: _Chunk) -> None:
         """Evaluate k stacked candidates; rows[i] is where candidate i's result goes in `chunk`."""
         if self.mode != "loop":
             try:
@@ -515,14 +518,20 @@ class Evaluator:
             ids = range(n)
         elif len(ids) != n:
             raise ValueError(f"got {len(ids)} ids for {n} candidates")
-        status = [s for c, _ in chunks for s in c.status]
+        codes = np.concatenate([c.codes for c, _ in chunks]) if chunks else np.zeros(0, np.int8)
+        errors: List[Optional[str]] = [None] * n
+        offset = 0
+        for c, _ in chunks:
+            for i, text in c.errors.items():  # few: errors are the exception
+                errors[offset + i] = text
+            offset += c.k
         columns: Dict[str, Any] = {
             "candidate_id": pa.array(np.asarray(ids, dtype=np.int64)),
-            "status": pa.array(status, pa.string()),
-            "error": pa.array([e for c, _ in chunks for e in c.error], pa.string()),
+            "status": pa.array(_STATUS_NAMES[codes], pa.string()),
+            "error": pa.array(errors, pa.string()),
         }
         columns.update(recipe_columns)
-        ok = np.array([s == OK for s in status], dtype=bool)
+        ok = codes == 0
         for name in self.metric_names or ():
             values = np.concatenate([c.values.get(name, np.full(c.k, np.nan)) for c, _ in chunks]) if chunks else np.array([])
             columns[name] = pa.array(values, pa.float64(), mask=~ok)
