@@ -135,7 +135,7 @@ def _measure(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
         return FALLBACK_CHUNK, None, ""
     loop_rate = 1.0 / max(loop_seconds, 1e-9)
 
-    best_k, best_rate = 0, 0.0
+    rates: Dict[int, float] = {}
     for k in TRIAL_SIZES:
         if k > bound:
             break
@@ -144,20 +144,20 @@ def _measure(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
             # Measured without torch.compile: compiling every trial size would take minutes.
             ev._vmap_values(batched, shared, k, batches=first, compiled=False)  # warm-up
             seconds = _timed(lambda: (ev._vmap_values(batched, shared, k, batches=first, compiled=False), sync()))
-        except Exception as e:  # noqa: BLE001 - the first real chunk decides and warns
-            if best_k == 0:
+        except Exception:  # noqa: BLE001 - the first real chunk decides and warns
+            if not rates:
                 return FALLBACK_CHUNK, None, ""
             break
-        rate = k / max(seconds, 1e-9)
-        if rate > best_rate:
-            best_k, best_rate = k, rate
-        elif rate < 0.8 * best_rate:
-            break
+        rates[k] = k / max(seconds, 1e-9)
         if seconds > MAX_TRIAL_SECONDS:
             break
+    top_rate = max(rates.values(), default=0.0)
+    # Within 10% of the best, the larger chunk wins: fewer calls, less overhead per candidate.
+    best_k = max((k for k, r in rates.items() if r >= 0.9 * top_rate), default=0)
+    best_rate = rates.get(best_k, 0.0)
     if best_k == 0:
         return max(1, min(FALLBACK_CHUNK, bound)), "vmap", ""
-    if loop_rate > best_rate:
+    if loop_rate > top_rate:
         reason = f"the per-candidate loop measured faster ({loop_rate:,.0f}/s against {best_rate:,.0f}/s with vmap)"
         return loop_chunk(param_bytes, bound), "loop", reason
     return best_k, "vmap", f"vmap chunks of {best_k} measured fastest ({best_rate:,.0f}/s; loop {loop_rate:,.0f}/s)"
