@@ -154,11 +154,12 @@ def run_bench(device: str = "cpu", models: Optional[List[str]] = None, *, compil
 
         for precision in ("fp32", "bf16"):
             recipe = Affine(a, [d], alphas[:, None])
-            evaluate(module, Affine(a, [d], alphas[:8, None]), data, spec.metrics, device=dev, precision=precision)
+            # Warm-up with the same count: the chunk size is measured once per process and count.
+            evaluate(module, recipe, data, spec.metrics, device=dev, precision=precision)
             result.engine[precision] = _rate(
                 k, lambda: evaluate(module, recipe, data, spec.metrics, device=dev, precision=precision), dev)
         probe = Evaluator(module, data, spec.metrics, device=dev)
-        probe.run(Affine(a, [d], alphas[:8, None]))
+        probe.run(Affine(a, [d], alphas[:, None]))
         result.mode, result.chunk_size = probe.mode or "", probe.chunk_size or 0
         probe.restore()
 

@@ -103,15 +103,22 @@ def _signature(ev: "Evaluator") -> tuple:
             ev.compile, getattr(ev.metrics, "__qualname__", repr(ev.metrics)), torch.get_num_threads())
 
 
-def choose_chunk_size(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
-    """(chunk size, mode 'vmap' | 'loop' | None when undecided, reason), measured once per process."""
-    key = _signature(ev)
+def choose_chunk_size(ev: "Evaluator", limit: Optional[int] = None) -> Tuple[int, Optional[str], str]:
+    """(chunk size, mode 'vmap' | 'loop' | None when undecided, reason), measured once per process.
+
+    `limit` is how many candidates are at hand: sizes beyond the first trial
+    size that covers them are not tried (a sweep of 7 files needs no 8192 trial).
+    """
+    sizes = TRIAL_SIZES
+    if limit is not None:
+        sizes = tuple(k for k in TRIAL_SIZES if k < limit) + tuple(k for k in TRIAL_SIZES if k >= limit)[:1]
+    key = (_signature(ev), sizes)
     if key not in _CHOSEN:
-        _CHOSEN[key] = _measure(ev)
+        _CHOSEN[key] = _measure(ev, sizes)
     return _CHOSEN[key]
 
 
-def _measure(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
+def _measure(ev: "Evaluator", sizes: Tuple[int, ...] = TRIAL_SIZES) -> Tuple[int, Optional[str], str]:
     from .evaluate import CandidateError
 
     own = {n: p.detach() for n, p in ev.module.named_parameters()}
@@ -136,7 +143,7 @@ def _measure(ev: "Evaluator") -> Tuple[int, Optional[str], str]:
     loop_rate = 1.0 / max(loop_seconds, 1e-9)
 
     rates: Dict[int, float] = {}
-    for k in TRIAL_SIZES:
+    for k in sizes:
         if k > bound:
             break
         batched = {n: t.expand((k,) + tuple(t.shape)).contiguous() for n, t in one.items()}

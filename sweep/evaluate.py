@@ -201,9 +201,10 @@ class Evaluator:
             finally:
                 del self._anchors[key]
         chunks = []
+        limit = len(candidates) if hasattr(candidates, "__len__") else None
         iterator = iter(candidates)
         while True:
-            items = list(islice(iterator, self._chunk_hint()))
+            items = list(islice(iterator, self._chunk_hint(limit)))
             if not items:
                 break
             start = time.perf_counter()
@@ -234,7 +235,7 @@ class Evaluator:
         else:
             start = 0
             while start < n:
-                stop = min(n, start + self._chunk_hint(prepared))
+                stop = min(n, start + self._chunk_hint(n))
                 t0 = time.perf_counter()
                 chunks.append((self._recipe_chunk(rows.slice(start, stop), prepared), 0.0))
                 chunks[-1] = (chunks[-1][0], time.perf_counter() - t0)
@@ -351,11 +352,12 @@ class Evaluator:
         return chunk
 
     # -- evaluating a stacked chunk -------------------------------------------
-    def _chunk_hint(self, prepared: Optional[Prepared] = None) -> int:
+    def _chunk_hint(self, limit: Optional[int] = None) -> int:
+        """The chunk size, measured on first use; `limit` (the candidates at hand) caps the trials."""
         if self.chunk_size is None:
             from .chunking import choose_chunk_size
 
-            self.chunk_size, self.mode, self.mode_reason = choose_chunk_size(self)
+            self.chunk_size, self.mode, self.mode_reason = choose_chunk_size(self, limit)
         return self.chunk_size
 
     def _evaluate_stacked(self, batched: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor],
