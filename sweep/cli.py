@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     for p in result.problems:
         label = next((str(v) for k, v in p.items() if k not in ("candidate_id", "status", "error")), "")
         print(f"  {p['status']} candidate {p['candidate_id']}{' ' + label if label else ''}: {p['error']}")
-    print(f"results: {result.results_dir.resolve()}")
+    print(f"results: {result.results_dir}")
     if result.mlflow_run_id:
         print(f"MLflow run: {result.mlflow_run_id} (experiment '{config.sinks.mlflow.experiment or config.name}'; "
               f"look at it with `mlflow ui`)")

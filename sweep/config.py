@@ -126,11 +126,20 @@ class WorkersSection(Section):
 
 
 class ParquetSink(Section):
-    """Results as a Parquet dataset under <out>/runs/<name>/results/."""
+    """Results as a Parquet dataset (default: <out>/runs/<name>/results/)."""
 
     enabled: bool = True
+    path: Optional[str] = Field(
+        None, description="where the dataset goes: a local folder or a pyarrow.fs URI (s3://, gs://, file://)")
     rows_per_file: int = Field(100_000, ge=1, description="rows buffered before a file is written")
     flush_seconds: float = Field(30.0, gt=0, description="longest time rows wait in the buffer")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is None or "://" in v:
+            return v
+        return resolve_path(v, info)
 
 
 class MlflowSink(Section):
@@ -140,7 +149,9 @@ class MlflowSink(Section):
     tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else MLflow's default")
     experiment: Optional[str] = Field(None, description="default: the sweep's name")
     max_candidate_metrics: int = Field(
-        10_000, ge=0, description="sweeps with more candidates log summaries only, not one step per candidate")
+        10_000, ge=0, description="sweeps with more candidates log per-batch summaries, not one step per candidate")
+    retry_seconds: float = Field(
+        120.0, ge=0, description="how long one logging request is retried (with backoff) while the server is away")
 
 
 class SinksSection(Section):

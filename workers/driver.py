@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +19,8 @@ import sweep
 from sweep.config import SweepConfig, dump_config, flatten
 from sweep.errors import SweepError
 from sweep.results import Tally, results_schema
-from sweep.sinks.parquet import ParquetSink
+from sweep.sinks.mlflow import MlflowSink
+from sweep.sinks.parquet import ParquetSink, clear, has_results
 from sweep.studies import plan
 
 from .actor import RemoteEvalWorker
@@ -35,7 +36,7 @@ LOG_INTERVAL = 10.0
 class RunResult:
     name: str
     run_dir: Path
-    results_dir: Path
+    results_dir: str
     summary: Dict[str, Any]
     problems: List[Dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: Optional[str] = None
@@ -43,7 +44,7 @@ class RunResult:
 
 
 def run_dir_for(config: SweepConfig, out: Path) -> Path:
-    return Path(out) / "runs" / config.name
+    return Path(out).resolve() / "runs" / config.name
 
 
 def connect(address: Optional[str] = None) -> None:
@@ -90,6 +91,21 @@ def worker_count(config: SweepConfig) -> int:
     return max(1, int(resources.get("CPU", 1) // w.cpus))
 
 
+def results_location(config: SweepConfig, run_dir: Path) -> str:
+    """Where the Parquet dataset goes: `sinks.parquet.path` (a folder or URI), else <run_dir>/results."""
+    return config.sinks.parquet.path or str(run_dir / "results")
+
+
+def write_run_record(run_dir: Path, **fields: Any) -> None:
+    """`run.json` beside the results: where they are, the config digest, the MLflow run."""
+    path = run_dir / "run.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record.update(fields)
+    temporary = path.with_name(".run.json.tmp")
+    temporary.write_text(json.dumps(record, indent=2))
+    os.replace(temporary, path)
+
+
 def run(
     config: SweepConfig,
     out: Path,
@@ -98,84 +114,37 @@ def run(
     overwrite: bool = False,
     progress: Optional[bool] = None,
 ) -> RunResult:
-    """Run a sweep to completion; rows land in `<out>/runs/<name>/results/`."""
+    """Run a sweep to completion; rows land in `<out>/runs/<name>/results/` (or `sinks.parquet.path`)."""
     run_dir = run_dir_for(config, out)
-    results_dir = run_dir / "results"
-    if results_dir.exists() and any(results_dir.iterdir()):
+    results = results_location(config, run_dir)
+    if config.sinks.parquet.enabled and has_results(results):
         if not overwrite:
-            raise SweepError(
-                f"{run_dir} already holds results; pass --overwrite to replace them or change `name`"
-            )
-        shutil.rmtree(results_dir)
+            raise SweepError(f"{results} already holds results; pass --overwrite to replace them or change `name`")
+        clear(results)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
+    write_run_record(run_dir, name=config.name, results=results, config_digest=config.digest(),
+                     mlflow_run_id=None)
 
     study = plan(config.study)
-    weights = None
-    if config.model.weights:
-        weights = Path(config.model.weights).read_bytes()
+    weights = Path(config.model.weights).read_bytes() if config.model.weights else None
 
     connect(address)
     count = worker_count(config)
-    options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
-    weights_ref = ray.put(weights) if weights is not None else None
-    # Each recipe's anchors enter the object store once; workers fetch them on first use.
-    anchor_refs = {key: ray.put(anchors) for key, anchors in study.anchors().items()}
-    spec = config.to_dict()
-    actors = [
-        RemoteEvalWorker.options(**options).remote(spec, weights_ref, config.model.weights or "", anchor_refs)
-        for _ in range(count)
-    ]
-    try:
-        infos = ray.get([a.describe.remote() for a in actors])
-    except ray.exceptions.RayActorError as e:
-        raise SweepError(f"a worker could not start: {_cause(e)}") from None
-    errors = [i["error"] for i in infos if i["error"]]
-    if errors:
-        raise SweepError(errors[0])
-    metric_names = infos[0]["metric_names"]
+    actors = start_workers(config, count, weights, study.anchors())
+    metric_names = describe_workers(actors)
     objective = config.metrics.objective or (metric_names[0] if metric_names else None)
     if objective is not None and objective not in metric_names:
         raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
 
     schema = results_schema(study.columns, metric_names)
-    sinks: List[Any] = []
-    parquet = None
-    if config.sinks.parquet.enabled:
-        parquet = ParquetSink(
-            results_dir,
-            schema,
-            rows_per_file=config.sinks.parquet.rows_per_file,
-            flush_seconds=config.sinks.parquet.flush_seconds,
-            metadata={"sweep.name": config.name, "sweep.config_digest": config.digest(),
-                      **{f"sweep.version.{k}": v for k, v in versions().items()}},
-        )
-        sinks.append(parquet)
-    mlflow_sink = None
-    if config.sinks.mlflow.enabled:
-        from sweep.sinks.mlflow import MlflowSink
-
-        mlflow_sink = MlflowSink(
-            config.sinks.mlflow.experiment or config.name,
-            run_name=config.name,
-            tracking_uri=config.sinks.mlflow.tracking_uri,
-            params=flatten(config.to_dict()),
-            tags={**{f"sweep.version.{k}": v for k, v in versions().items()},
-                  "sweep.git_commit": git_commit(), "sweep.config_digest": config.digest(),
-                  "sweep.workers": str(count)},
-            metric_names=metric_names if len(study) <= config.sinks.mlflow.max_candidate_metrics else (),
-        )
-        sinks.append(mlflow_sink)
-
+    sinks = open_sinks(config, schema, metric_names, results, run_dir, len(study), count)
     tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
-    reporter = Progress(len(study), enabled=progress)
     pool = Pool(actors, config.workers.max_in_flight)
+    batch_size = study.default_batch_size if config.workers.batch_size == "auto" else config.workers.batch_size
     completed = False
     try:
-        with reporter:
-            batch_size = config.workers.batch_size
-            if batch_size == "auto":
-                batch_size = study.default_batch_size
+        with Progress(len(study), enabled=progress) as reporter:
             for _, table in pool.map_unordered(study.batches(batch_size)):
                 for sink in sinks:
                     sink.write(table)
@@ -191,18 +160,70 @@ def run(
         for actor in actors:
             ray.kill(actor)
 
-    warnings = []
-    if mlflow_sink is not None and mlflow_sink.errors:
+    mlflow_sink = next((s for s in sinks if isinstance(s, MlflowSink)), None)
+    warnings: List[str] = []
+    if mlflow_sink is not None:
         warnings.extend(mlflow_sink.errors)
+        summary["mlflow_missed_metrics"] = mlflow_sink.missed_metrics
     return RunResult(
         name=config.name,
         run_dir=run_dir,
-        results_dir=results_dir,
+        results_dir=results,
         summary=summary,
         problems=tally.problems,
         mlflow_run_id=mlflow_sink.run_id if mlflow_sink else None,
         warnings=warnings,
     )
+
+
+def start_workers(config: SweepConfig, count: int, weights: Optional[bytes], anchors: Dict[str, Any]) -> List[Any]:
+    """`count` worker actors; the weights and each recipe's anchors enter the object store once."""
+    options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
+    weights_ref = ray.put(weights) if weights is not None else None
+    anchor_refs = {key: ray.put(value) for key, value in anchors.items()}
+    spec = config.to_dict()
+    return [
+        RemoteEvalWorker.options(**options).remote(spec, weights_ref, config.model.weights or "", anchor_refs)
+        for _ in range(count)
+    ]
+
+
+def describe_workers(actors: List[Any]) -> List[str]:
+    """Wait for every worker to be ready; the metric names they report."""
+    try:
+        infos = ray.get([a.describe.remote() for a in actors])
+    except ray.exceptions.RayActorError as e:
+        raise SweepError(f"a worker could not start: {_cause(e)}") from None
+    errors = [i["error"] for i in infos if i["error"]]
+    if errors:
+        raise SweepError(errors[0])
+    return infos[0]["metric_names"]
+
+
+def open_sinks(config: SweepConfig, schema, metric_names: List[str], results: str, run_dir: Path,
+               total: int, workers: int) -> List[Any]:
+    sinks: List[Any] = []
+    stamp = {"sweep.name": config.name, "sweep.config_digest": config.digest(),
+             **{f"sweep.version.{k}": v for k, v in versions().items()}}
+    if config.sinks.parquet.enabled:
+        p = config.sinks.parquet
+        sinks.append(ParquetSink(results, schema, rows_per_file=p.rows_per_file, flush_seconds=p.flush_seconds,
+                                 metadata=stamp))
+    if config.sinks.mlflow.enabled:
+        m = config.sinks.mlflow
+        sinks.append(MlflowSink(
+            m.experiment or config.name,
+            run_name=config.name,
+            tracking_uri=m.tracking_uri,
+            params=flatten(config.to_dict()),
+            tags={**stamp, "sweep.git_commit": git_commit(), "sweep.workers": str(workers)},
+            metric_names=metric_names,
+            per_candidate=total <= m.max_candidate_metrics,
+            results_uri=results if config.sinks.parquet.enabled else None,
+            retry_seconds=m.retry_seconds,
+            on_run=lambda run_id: write_run_record(run_dir, mlflow_run_id=run_id),
+        ))
+    return sinks
 
 
 def _cause(error: BaseException) -> str:

@@ -1,19 +1,27 @@
 """One MLflow run per sweep, logged from a background thread.
 
 Evaluation never waits for MLflow: rows are queued and a thread sends them
-with `log_batch` inside MLflow's limits. When the server cannot be reached the
-sweep goes on (Parquet stays complete) and the summary says what MLflow missed.
+with `log_batch` inside MLflow's limits. A request that fails is retried with
+backoff for up to `retry_seconds`, so a server that goes away and comes back
+receives everything it missed; one that stays away costs a warning and a note
+in the summary, never the sweep (the Parquet results stay complete).
+
+Small sweeps log every candidate's metrics with `step = candidate_id`; larger
+ones log per-batch summaries (`batch.<metric>.min|mean|max`, one step per
+batch) so the UI stays usable, and point at the full table.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -25,16 +33,19 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 #: MLflow refuses param values longer than this.
 MAX_PARAM_VALUE_LENGTH = 6000
-#: Attempts for each request before its data is counted as missed.
-MAX_ATTEMPTS = 3
-#: Seconds `close` waits for the queue to drain.
-CLOSE_TIMEOUT = 120.0
+#: Backoff between attempts of one request: doubles from the first to the last.
+FIRST_BACKOFF = 0.5
+LONGEST_BACKOFF = 8.0
+#: Seconds `close` waits for the queue to drain beyond the retry window.
+CLOSE_GRACE = 30.0
+#: Suffix of the companion metric that marks a NaN or ±inf value (MLflow stores NaN as 0 with a flag and clamps inf).
+NONFINITE_SUFFIX = ".nonfinite"
 
 _STOP = object()
 
 
 class MlflowSink:
-    """Logs params, tags, per-candidate metrics (step = candidate_id) and the summary."""
+    """Logs params, tags, metrics and the summary of one sweep to one MLflow run."""
 
     def __init__(
         self,
@@ -45,17 +56,33 @@ class MlflowSink:
         params: Optional[Mapping[str, Any]] = None,
         tags: Optional[Mapping[str, str]] = None,
         metric_names: Sequence[str] = (),
+        per_candidate: bool = True,
+        run_id: Optional[str] = None,
+        results_uri: Optional[str] = None,
+        retry_seconds: float = 120.0,
+        on_run: Optional[Callable[[str], None]] = None,
     ):
+        # Our own retries pace the requests; MLflow's would hold one request for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.experiment = experiment
         self.run_name = run_name or experiment
         self.tracking_uri = tracking_uri
         self.metric_names = tuple(metric_names)
-        self.run_id: Optional[str] = None
+        self.per_candidate = per_candidate
+        self.run_id = run_id
+        self.reopened = run_id is not None
+        self.results_uri = results_uri
+        self.retry_seconds = retry_seconds
+        self.on_run = on_run
         self.errors: List[str] = []
         self.missed_metrics = 0
+        self.logged_metrics = 0
+        self._down = False
+        self._batches = 0
         self._queue: "queue.Queue[Any]" = queue.Queue()
-        self._params = dict(params or {})
-        self._tags = dict(tags or {})
+        self._params = {k: _param_value(v) for k, v in (params or {}).items()}
+        self._tags = {k: str(v) for k, v in (tags or {}).items()}
         self._thread = threading.Thread(target=self._work, name="sweep-mlflow", daemon=True)
         self._thread.start()
 
@@ -65,9 +92,24 @@ class MlflowSink:
         if not names or table.num_rows == 0:
             return
         ok = table.filter(pc.equal(table.column("status"), "ok"))
-        if ok.num_rows:
-            columns = {n: ok.column(n).to_pylist() for n in names}
-            self._queue.put(("rows", ok.column("candidate_id").to_pylist(), columns))
+        if not ok.num_rows:
+            return
+        if self.per_candidate:
+            ids = ok.column("candidate_id").to_numpy()
+            self._queue.put(("rows", ids, {n: ok.column(n).to_numpy(zero_copy_only=False) for n in names}))
+        else:
+            step = self._batches
+            self._batches += 1
+            summary = {}
+            for n in names:
+                values = ok.column(n).to_numpy(zero_copy_only=False)
+                finite = values[np.isfinite(values)]
+                if len(finite):
+                    summary.update({f"batch.{n}.min": finite.min(), f"batch.{n}.mean": finite.mean(),
+                                    f"batch.{n}.max": finite.max()})
+                if len(finite) < len(values):
+                    summary[f"batch.{n}{NONFINITE_SUFFIX}"] = float(len(values) - len(finite))
+            self._queue.put(("batch", step, summary))
 
     def flush(self) -> None:
         """Logging is asynchronous; rows are sent as soon as the thread gets to them."""
@@ -75,13 +117,10 @@ class MlflowSink:
     def close(self, summary: Dict[str, Any]) -> None:
         self._queue.put(("summary", summary))
         self._queue.put(_STOP)
-        self._thread.join(CLOSE_TIMEOUT)
+        self._thread.join(self.retry_seconds + CLOSE_GRACE)
         if self._thread.is_alive():
-            self.errors.append(f"MLflow logging did not finish within {CLOSE_TIMEOUT:.0f} s")
-
-    @property
-    def healthy(self) -> bool:
-        return not self.errors
+            self._error(f"MLflow logging did not finish within {self.retry_seconds + CLOSE_GRACE:.0f} s; "
+                        f"what was still queued is not in the MLflow run")
 
     # -- the logging thread ------------------------------------------------
     def _work(self) -> None:
@@ -89,7 +128,7 @@ class MlflowSink:
         try:
             client = self._start()
         except Exception as e:  # the sweep goes on without MLflow
-            self._error(f"could not start the MLflow run: {type(e).__name__}: {e}")
+            self._error(f"could not start the MLflow run: {type(e).__name__}: {_first_line(e)}")
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -101,10 +140,12 @@ class MlflowSink:
             try:
                 if item[0] == "rows":
                     self._log_rows(client, item[1], item[2])
+                elif item[0] == "batch":
+                    self._log_metrics(client, [(k, v, item[1]) for k, v in item[2].items()])
                 elif item[0] == "summary":
                     self._log_summary(client, item[1])
             except Exception as e:
-                self._error(f"MLflow logging failed: {type(e).__name__}: {e}")
+                self._error(f"MLflow logging failed: {type(e).__name__}: {_first_line(e)}")
 
     def _error(self, text: str) -> None:
         log.warning("%s; the sweep goes on and the Parquet results stay complete", text)
@@ -115,59 +156,104 @@ class MlflowSink:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        experiment = client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
-        run = client.create_run(experiment_id, run_name=self.run_name)
-        self.run_id = run.info.run_id
-        params = [Param(k, _param_value(v)) for k, v in self._params.items()]
+        if self.run_id is None:
+            experiment = self._call(lambda: client.get_experiment_by_name(self.experiment), "find the experiment")
+            experiment_id = (experiment.experiment_id if experiment
+                             else self._call(lambda: client.create_experiment(self.experiment), "create the experiment"))
+            run = self._call(lambda: client.create_run(experiment_id, run_name=self.run_name), "create the run")
+            self.run_id = run.info.run_id
+            logged: Dict[str, str] = {}
+        else:
+            run = self._call(lambda: client.get_run(self.run_id), "reopen the run")
+            logged = dict(run.data.params)
+            if run.info.status != "RUNNING":
+                self._call(lambda: client.update_run(self.run_id, status="RUNNING"), "reopen the run")
+        if self.on_run is not None:
+            self.on_run(self.run_id)
+        # Params are logged once: MLflow refuses a param re-logged with another value.
+        changed = sorted(k for k, v in self._params.items() if k in logged and logged[k] != v)
+        if changed:
+            self._error(f"the reopened MLflow run has other values for params {changed[:5]}; they are kept as they were")
+        params = [Param(k, v) for k, v in self._params.items() if k not in logged]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            self._retry(lambda chunk=params[i : i + MAX_PARAMS_PER_BATCH]: client.log_batch(self.run_id, params=chunk))
-        tags = [RunTag(k, str(v)) for k, v in self._tags.items()]
+            chunk = params[i : i + MAX_PARAMS_PER_BATCH]
+            self._call(lambda: client.log_batch(self.run_id, params=chunk), "log params")
+        tags = [RunTag(k, v) for k, v in self._tags.items()]
+        if self.results_uri:
+            tags.append(RunTag("sweep.results", self.results_uri))
         for i in range(0, len(tags), MAX_TAGS_PER_BATCH):
-            self._retry(lambda chunk=tags[i : i + MAX_TAGS_PER_BATCH]: client.log_batch(self.run_id, tags=chunk))
+            chunk = tags[i : i + MAX_TAGS_PER_BATCH]
+            self._call(lambda: client.log_batch(self.run_id, tags=chunk), "log tags")
         return client
 
-    def _log_rows(self, client, ids: List[int], columns: Dict[str, List[Optional[float]]]) -> None:
+    def _log_rows(self, client, ids: np.ndarray, columns: Dict[str, np.ndarray]) -> None:
+        entries = []
+        for name, values in columns.items():
+            for cid, value in zip(ids.tolist(), values.tolist()):
+                if value is None:
+                    continue
+                entries.append((name, value, cid))
+                if not math.isfinite(value):
+                    entries.append((name + NONFINITE_SUFFIX, 1.0, cid))
+        self._log_metrics(client, entries)
+
+    def _log_metrics(self, client, entries: List[tuple]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(name, float(value), now, int(cid))
-            for name, values in columns.items()
-            for cid, value in zip(ids, values)
-            if value is not None
-        ]
+        metrics = [Metric(k, float(v), now, int(step)) for k, v, step in entries]
         for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             chunk = metrics[i : i + MAX_METRICS_PER_BATCH]
-            if not self._retry(lambda: client.log_batch(self.run_id, metrics=chunk)):
+            if self._try(lambda: client.log_batch(self.run_id, metrics=chunk)):
+                self.logged_metrics += len(chunk)
+            else:
                 self.missed_metrics += len(chunk)
 
     def _log_summary(self, client, summary: Dict[str, Any]) -> None:
-        from mlflow.entities import Metric
+        entries = [(f"summary.{k}", v, 0) for k, v in summary.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        self._log_metrics(client, entries)
+        if self.results_uri and not self.per_candidate and "://" not in self.results_uri \
+                and os.path.isdir(self.results_uri):
+            # Too many candidates for the UI: the full table goes along as an artifact.
+            self._try(lambda: client.log_artifacts(self.run_id, self.results_uri, artifact_path="results"))
+        if self.missed_metrics:
+            self._try(lambda: client.set_tag(self.run_id, "sweep.mlflow_incomplete",
+                                             f"{self.missed_metrics} metric values missed; the Parquet results are complete"))
+        status = "FINISHED" if summary.get("completed", True) else "KILLED"
+        self._try(lambda: client.set_terminated(self.run_id, status=status))
 
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(f"summary.{k}", float(v), now, 0)
-            for k, v in summary.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v)
-        ]
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self._retry(lambda chunk=metrics[i : i + MAX_METRICS_PER_BATCH]: client.log_batch(self.run_id, metrics=chunk))
-        if self.errors or self.missed_metrics:
-            client.set_tag(self.run_id, "sweep.mlflow_incomplete", f"{self.missed_metrics} metric values missed")
-        client.set_terminated(self.run_id, status="FINISHED" if summary.get("completed", True) else "FAILED")
+    # -- retries -------------------------------------------------------------
+    def _try(self, call: Callable[[], Any]) -> bool:
+        """Call with backoff for up to `retry_seconds`; False (and a warning) when it never got through.
 
-    def _retry(self, call) -> bool:
-        for attempt in range(MAX_ATTEMPTS):
+        While the server is known to be away each request gets one attempt, so a
+        server that never returns costs seconds, not `retry_seconds` per request.
+        """
+        deadline = time.monotonic() + (0.0 if self._down else self.retry_seconds)
+        backoff = FIRST_BACKOFF
+        while True:
             try:
                 call()
+                if self._down:
+                    log.warning("MLflow is reachable again; sending what was queued")
+                self._down = False
                 return True
             except Exception as e:
-                if attempt == MAX_ATTEMPTS - 1:
-                    self._error(f"MLflow request failed {MAX_ATTEMPTS} times: {type(e).__name__}: {e}")
+                if time.monotonic() + backoff > deadline:
+                    if not self._down:
+                        self._error(f"MLflow did not answer for {self.retry_seconds:.0f} s "
+                                    f"({type(e).__name__}: {_first_line(e)})")
+                    self._down = True
                     return False
-                time.sleep(0.5 * 2**attempt)
-        return False
+                time.sleep(backoff)
+                backoff = min(LONGEST_BACKOFF, backoff * 2)
+
+    def _call(self, call: Callable[[], Any], what: str) -> Any:
+        result: List[Any] = []
+        if not self._try(lambda: result.append(call())):
+            raise RuntimeError(f"could not {what}")
+        return result[0]
 
 
 def _param_value(value: Any) -> str:
@@ -175,3 +261,8 @@ def _param_value(value: Any) -> str:
     if len(text) > MAX_PARAM_VALUE_LENGTH:
         text = text[: MAX_PARAM_VALUE_LENGTH - 1] + "…"
     return text
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -1,7 +1,11 @@
-"""Rolling Parquet files: buffered, written to a temporary name, fsynced, renamed.
+"""Rolling Parquet files: buffered, then published whole.
 
-A reader of the results folder (pyarrow, pandas, DuckDB, polars) only ever
-sees complete files: temporary names start with '.', which dataset readers skip.
+On a local filesystem each file is written to a temporary name starting with
+'.', fsynced and renamed; dataset readers (pyarrow, pandas, DuckDB, polars)
+skip names starting with '.' or '_', so a reader only ever sees complete files,
+also after the writer was killed. On an object store (`s3://`, `gs://`) an
+object becomes visible only when its upload completes, so files are written
+under their final name.
 """
 
 from __future__ import annotations
@@ -9,28 +13,46 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .base import conform
+
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+
+
+def resolve(location: str) -> Tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a `pyarrow.fs` URI (file://, s3://, gs://, …)."""
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def part_files(fs: pafs.FileSystem, root: str) -> List[str]:
+    info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(i.path for i in info if i.type == pafs.FileType.File
+                  and i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(PART_SUFFIX))
 
 
 class ParquetSink:
     def __init__(
         self,
-        directory: str | Path,
+        location: str,
         schema: pa.Schema,
         *,
         rows_per_file: int = 100_000,
         flush_seconds: float = 30.0,
         metadata: Optional[Mapping[str, str]] = None,
     ):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.location = str(location)
+        self.fs, self.root = resolve(self.location)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.fs.create_dir(self.root, recursive=True)
         meta = {k.encode(): str(v).encode() for k, v in (metadata or {}).items()}
         self.schema = schema.with_metadata({**(schema.metadata or {}), **meta})
         self.rows_per_file = rows_per_file
@@ -38,7 +60,7 @@ class ParquetSink:
         self._buffer: List[pa.Table] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
-        self._seq = len(list(self.directory.glob("part-*.parquet")))
+        self._seq = len(part_files(self.fs, self.root))
         self.files_written = 0
         self.rows_written = 0
 
@@ -56,15 +78,19 @@ class ParquetSink:
             return
         table = pa.concat_tables(self._buffer)
         self._buffer, self._buffered = [], 0
-        name = f"part-{self._seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"{PART_PREFIX}{self._seq:06d}-{uuid.uuid4().hex[:8]}{PART_SUFFIX}"
         self._seq += 1
-        final = self.directory / name
-        temporary = self.directory / f".{name}.tmp"
-        pq.write_table(table, temporary)
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, final)
-        _fsync_dir(self.directory)
+        final = f"{self.root}/{name}"
+        if self.local:
+            temporary = f"{self.root}/.{name}.tmp"
+            pq.write_table(table, temporary)
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(temporary, final)
+            _fsync_dir(self.root)
+        else:
+            with self.fs.open_output_stream(final) as stream:
+                pq.write_table(table, stream)
         self.files_written += 1
         self.rows_written += table.num_rows
 
@@ -72,7 +98,7 @@ class ParquetSink:
         self.flush()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -85,10 +111,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_results(directory: str | Path) -> pa.Table:
+def dataset(location: str) -> ds.Dataset:
+    """The results at a local path or URI as one pyarrow dataset (complete files only)."""
+    fs, root = resolve(str(location))
+    files = part_files(fs, root)
+    if not files:
+        raise FileNotFoundError(f"no results under {location}")
+    return ds.dataset(files, filesystem=fs, format="parquet")
+
+
+def read_results(location: str) -> pa.Table:
     """Every row written to a results folder, as one table (sorted by candidate_id)."""
-    dataset = ds.dataset(str(directory), format="parquet")
-    table = dataset.to_table()
+    table = dataset(location).to_table()
     if table.num_rows and "candidate_id" in table.column_names:
         table = table.sort_by("candidate_id")
     return table
+
+
+def clear(location: str) -> None:
+    """Remove every file under a results location (for --overwrite)."""
+    fs, root = resolve(str(location))
+    if fs.get_file_info(root).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(root)
+
+
+def has_results(location: str) -> bool:
+    fs, root = resolve(str(location))
+    return bool(part_files(fs, root))
