@@ -1,4 +1,4 @@
-"""The `sweep` command line: run | validate | bench."""
+"""The `sweep` command line: run | show | validate | bench."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to compile on CPUs)")
     bench.add_argument("--scale", type=float, default=1.0, help="multiply every candidate count (default 1)")
 
+    show = sub.add_parser("show", help="print a run's results (streamed; nothing is loaded whole)")
+    show.add_argument("run", help="a run folder (runs/<name>), a results folder or a results URI")
+    show.add_argument("--top", type=int, default=None, help=f"at most N rows (table default: {20})")
+    show.add_argument("--by", default=None, metavar="COLUMN", help="order by this column, best first for the objective")
+    order = show.add_mutually_exclusive_group()
+    order.add_argument("--desc", dest="descending", action="store_true", default=None, help="largest first")
+    order.add_argument("--asc", dest="descending", action="store_false", help="smallest first")
+    show.add_argument("--where", default=None, metavar="EXPR", help="SQL condition, e.g. \"status = 'ok' AND loss < 0.3\"")
+    show.add_argument("--columns", default=None, help="comma-separated columns to show")
+    show.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
     validate = sub.add_parser("validate", help="check a config without running it")
     validate.add_argument("config", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -50,6 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _validate(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "show":
+            return _show(args)
         if args.command == "bench":
             from .bench import main as bench_main
 
@@ -79,6 +92,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _first_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else ""
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .show import DEFAULT_TOP, format_rows, query
+
+    top = args.top if args.top is not None else (DEFAULT_TOP if args.format == "table" else None)
+    if top is not None and top < 0:
+        raise SweepError(f"--top must be 0 or more, got {top}")
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    table = query(args.run, top=top, by=args.by, descending=args.descending, where=args.where, columns=columns)
+    print(format_rows(table, args.format))
+    return EXIT_OK
 
 
 def _validate(args: argparse.Namespace) -> int:
