@@ -83,18 +83,24 @@ def main() -> None:
     if proc.returncode != 0:
         print(output, file=sys.stderr)
         sys.exit(proc.returncode)
+    import re
+
+    import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    results = next(out.glob("runs/*/results"))
-    dataset = ds.dataset(str(results), format="parquet")
-    ids = dataset.to_table(columns=["candidate_id"]).column("candidate_id")
-    import pyarrow.compute as pc
-
+    rows = unique = None
+    results = next(out.glob("runs/*/results"), None)
+    if results is not None and any(results.glob("part-*.parquet")):  # absent with sinks.parquet.enabled=false
+        dataset = ds.dataset(str(results), format="parquet")
+        rows = dataset.count_rows()
+        unique = pc.count_distinct(dataset.to_table(columns=["candidate_id"]).column("candidate_id")).as_py()
     summary = [line for line in output.splitlines() if "candidates:" in line]
+    seconds = re.search(r"in ([0-9.]+) s", summary[0]) if summary else None
     print(json.dumps({
         "overrides": args.overrides,
-        "rows": dataset.count_rows(),
-        "unique_ids": pc.count_distinct(ids).as_py(),
+        "rows": rows,
+        "unique_ids": unique,
+        "sweep_seconds": float(seconds.group(1)) if seconds else None,
         "wall_seconds": round(wall, 1),
         "driver_peak_rss_mb": round(peak["driver"] / 2**20, 1),
         "worker_peak_rss_mb": round(peak["worker"] / 2**20, 1),
