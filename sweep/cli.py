@@ -1,4 +1,4 @@
-"""The `sweep` command line: run | show | validate | bench."""
+"""The `sweep` command line: run | resume | show | validate | bench."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run of this name")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+    resume = sub.add_parser("resume", help="finish an interrupted sweep: each missing candidate once, none twice")
+    resume.add_argument("run_dir", type=Path, help="the run folder, <out>/runs/<name>")
+    resume.add_argument("--config", type=Path, default=None,
+                        help="a config to check against the saved one (only workers.* may differ)")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override workers.* for this resume (other keys must match the saved config)")
+    resume.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
+    resume.add_argument("--no-progress", action="store_true")
 
     bench = sub.add_parser("bench", help="measure the naive loop and the engine side by side on this machine")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -61,6 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _validate(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "resume":
+            return _resume(args)
         if args.command == "show":
             return _show(args)
         if args.command == "bench":
@@ -123,6 +134,21 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run(config, args.out, address=args.address, overwrite=args.overwrite,
                  progress=False if args.no_progress else None)
+    return _report(result, config)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides) if args.config else None
+    from workers.driver import resume
+
+    result = resume(args.run_dir, args.overrides, address=args.address, config=config,
+                    progress=False if args.no_progress else None)
+    return _report(result, None)
+
+
+def _report(result, config) -> int:
     s = result.summary
     line = (f"{result.name}: {s['candidates']} candidates: {s['ok']} ok, {s['invalid']} invalid, "
             f"{s['failed']} failed in {s['seconds']:.1f} s ({s['candidates_per_s']:,.1f} candidates/s)")
@@ -130,13 +156,15 @@ def _run(args: argparse.Namespace) -> int:
     if objective is not None:
         line += f"; best {objective} {s['best_' + objective]:.6g} (candidate {s['best_candidate_id']})"
     print(line)
+    if s.get("worker_replacements") or s.get("batch_retries"):
+        print(f"  {s['worker_replacements']} workers replaced, {s['batch_retries']} batches re-run")
     for p in result.problems:
         label = next((str(v) for k, v in p.items() if k not in ("candidate_id", "status", "error")), "")
         print(f"  {p['status']} candidate {p['candidate_id']}{' ' + label if label else ''}: {p['error']}")
     print(f"results: {result.results_dir}")
     if result.mlflow_run_id:
-        print(f"MLflow run: {result.mlflow_run_id} (experiment '{config.sinks.mlflow.experiment or config.name}'; "
-              f"look at it with `mlflow ui`)")
+        experiment = (config.sinks.mlflow.experiment or config.name) if config is not None else result.name
+        print(f"MLflow run: {result.mlflow_run_id} (experiment '{experiment}'; look at it with `mlflow ui`)")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK

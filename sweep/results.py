@@ -12,11 +12,11 @@ import pyarrow.compute as pc
 from .types import FAILED, INVALID, OK
 
 LEADING = (("candidate_id", pa.int64()), ("status", pa.string()), ("error", pa.string()))
-TRAILING = (("worker", pa.string()), ("eval_seconds", pa.float64()))
+TRAILING = (("worker", pa.string()), ("node", pa.string()), ("eval_seconds", pa.float64()))
 
 
 def results_schema(recipe_columns: Mapping[str, pa.DataType], metric_names: Sequence[str]) -> pa.Schema:
-    """candidate_id, status, error, the recipe columns, one float64 per metric, worker, eval_seconds."""
+    """candidate_id, status, error, the recipe columns, one float64 per metric, worker, node, eval_seconds."""
     fields = [pa.field(n, t) for n, t in LEADING]
     fields += [pa.field(n, t) for n, t in recipe_columns.items()]
     fields += [pa.field(n, pa.float64()) for n in metric_names]
@@ -26,6 +26,23 @@ def results_schema(recipe_columns: Mapping[str, pa.DataType], metric_names: Sequ
     if clashes:
         raise ValueError(f"metric names {clashes} clash with results columns; rename them in the metrics function")
     return pa.schema(fields)
+
+
+def failed_rows(batch: Any, error: str) -> pa.Table:
+    """Rows for a batch that could not be evaluated at all: `failed`, with the error and the recipe columns."""
+    from .studies.base import RecipeBatch
+
+    n = len(batch.ids)
+    columns: Dict[str, Any] = {
+        "candidate_id": pa.array(batch.ids, pa.int64()),
+        "status": pa.array([FAILED] * n, pa.string()),
+        "error": pa.array([error] * n, pa.string()),
+    }
+    if isinstance(batch.source, RecipeBatch):
+        columns.update(batch.source.rows.columns())
+    for name, values in batch.columns.items():
+        columns[name] = pa.array(values)
+    return pa.table(columns)
 
 
 class Tally:

@@ -29,6 +29,7 @@ class EvalWorker:
         tensors = load_weights(weights, weights_name) if weights is not None else None
         self.evaluator = build_evaluator(cfg, tensors, device)
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+        self.node = ray.get_runtime_context().get_node_id()
         # Object refs of each recipe's anchors, fetched on first use and kept on the device.
         self.anchor_refs = dict(anchor_refs or {})
         try:
@@ -44,6 +45,8 @@ class EvalWorker:
     def describe(self) -> Dict[str, Any]:
         return {
             "worker": self.name,
+            "node": self.node,
+            "pid": os.getpid(),
             "device": str(self.evaluator.device),
             "metric_names": list(self.metric_names),
             "mode": self.evaluator.mode,
@@ -67,7 +70,8 @@ class EvalWorker:
             table = table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds", seconds)
         for name, values in batch.columns.items():
             table = table.append_column(name, pa.array(values))
-        return table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))
+        table = table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))
+        return table.append_column("node", pa.array([self.node] * table.num_rows, pa.string()))
 
 
 RemoteEvalWorker = ray.remote(EvalWorker)

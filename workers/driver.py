@@ -9,18 +9,21 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import pyarrow as pa
 
 import ray
 
 import sweep
-from sweep.config import SweepConfig, dump_config, flatten
+from sweep.config import SweepConfig, dump_config, flatten, load_config
 from sweep.errors import SweepError
-from sweep.results import Tally, results_schema
+from sweep.results import Tally, failed_rows, results_schema
 from sweep.sinks.mlflow import MlflowSink
-from sweep.sinks.parquet import ParquetSink, clear, has_results
+from sweep.sinks.parquet import ParquetSink, clear, dataset, has_results
 from sweep.studies import plan
 
 from .actor import RemoteEvalWorker
@@ -113,51 +116,112 @@ def run(
     address: Optional[str] = None,
     overwrite: bool = False,
     progress: Optional[bool] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> RunResult:
-    """Run a sweep to completion; rows land in `<out>/runs/<name>/results/` (or `sinks.parquet.path`)."""
+    """Run a sweep to completion; rows land in `<out>/runs/<name>/results/` (or `sinks.parquet.path`).
+
+    `on_batch(done, total)` is called after each batch of rows reaches the sinks.
+    """
     run_dir = run_dir_for(config, out)
     results = results_location(config, run_dir)
     if config.sinks.parquet.enabled and has_results(results):
         if not overwrite:
-            raise SweepError(f"{results} already holds results; pass --overwrite to replace them or change `name`")
+            raise SweepError(f"{results} already holds results; pass --overwrite to replace them, "
+                             f"`sweep resume {run_dir}` to finish them, or change `name`")
         clear(results)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     write_run_record(run_dir, name=config.name, results=results, config_digest=config.digest(),
                      mlflow_run_id=None)
+    return _sweep(config, run_dir, results, address=address, progress=progress, on_batch=on_batch)
 
+
+def resume(run_dir: Path, overrides: Sequence[str] = (), *, address: Optional[str] = None,
+           progress: Optional[bool] = None, on_batch: Optional[Callable[[int, int], None]] = None,
+           config: Optional[SweepConfig] = None) -> RunResult:
+    """Finish a sweep from the rows its results already hold: each missing candidate once, none twice.
+
+    The saved config is the one that runs; `overrides` (or a `config` given)
+    may change only `workers.*` (where and how fast, not what): any other
+    difference is refused, naming it.
+    """
+    run_dir = Path(run_dir).resolve()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise SweepError(f"{run_dir}: not a run folder (no config.yaml); give runs/<name> of an earlier `sweep run`")
+    saved = load_config(saved_path)
+    wanted = config if config is not None else load_config(saved_path, overrides)
+    differences = config_differences(saved, wanted)
+    if differences:
+        raise SweepError(f"resume refused: the config differs from the saved one in {'; '.join(differences[:5])}"
+                         f"{' …' if len(differences) > 5 else ''} (only workers.* may change)")
+    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    results = record.get("results") or results_location(saved, run_dir)
+    if not wanted.sinks.parquet.enabled:
+        raise SweepError("resume needs the Parquet results (sinks.parquet.enabled is false)")
+    return _sweep(wanted, run_dir, results, address=address, progress=progress, on_batch=on_batch,
+                  resumed=True, mlflow_run_id=record.get("mlflow_run_id"))
+
+
+def config_differences(saved: SweepConfig, wanted: SweepConfig) -> List[str]:
+    a, b = flatten(saved.to_dict()), flatten(wanted.to_dict())
+    return [f"{key}: saved {a.get(key)!r}, now {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if not key.startswith("workers.") and a.get(key) != b.get(key)]
+
+
+def _done_ids(results: str, tally: Tally) -> frozenset:
+    """The candidate ids already in the results (and their rows counted into `tally`)."""
+    if not has_results(results):
+        return frozenset()
+    done = set()
+    for batch in dataset(results).to_batches():
+        table = pa.Table.from_batches([batch])
+        tally.update(table)
+        done.update(table.column("candidate_id").to_pylist())
+    return frozenset(done)
+
+
+def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optional[str], progress: Optional[bool],
+           on_batch: Optional[Callable[[int, int], None]], resumed: bool = False,
+           mlflow_run_id: Optional[str] = None) -> RunResult:
     study = plan(config.study)
     weights = Path(config.model.weights).read_bytes() if config.model.weights else None
 
     connect(address)
     count = worker_count(config)
-    actors = start_workers(config, count, weights, study.anchors())
-    metric_names = describe_workers(actors)
+    make_actor = worker_factory(config, weights, study.anchors())
+    pool = Pool(make_actor, count, config.workers.max_in_flight)
+    metric_names = describe_workers(pool.actors)
     objective = config.metrics.objective or (metric_names[0] if metric_names else None)
     if objective is not None and objective not in metric_names:
         raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
 
-    schema = results_schema(study.columns, metric_names)
-    sinks = open_sinks(config, schema, metric_names, results, run_dir, len(study), count)
     tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
-    pool = Pool(actors, config.workers.max_in_flight)
+    done = _done_ids(results, tally) if resumed else frozenset()
+    schema = results_schema(study.columns, metric_names)
+    sinks = open_sinks(config, schema, metric_names, results, run_dir, len(study), count, mlflow_run_id)
     batch_size = study.default_batch_size if config.workers.batch_size == "auto" else config.workers.batch_size
     completed = False
     try:
-        with Progress(len(study), enabled=progress) as reporter:
-            for _, table in pool.map_unordered(study.batches(batch_size)):
+        with Progress(len(study), enabled=progress, done=len(done)) as reporter:
+            batches = study.batches(batch_size, skip=done)
+            for _, table in pool.map_unordered(batches, failed_rows):
                 for sink in sinks:
                     sink.write(table)
                 tally.update(table)
                 reporter.advance(table.num_rows)
+                if on_batch is not None:
+                    on_batch(tally.done, len(study))
         completed = True
     finally:
         summary = tally.summary()
         summary["completed"] = completed
         summary["workers"] = count
+        summary["worker_replacements"] = pool.replacements
+        summary["batch_retries"] = pool.retries
         for sink in sinks:
             sink.close(summary)
-        for actor in actors:
+        for actor in pool.actors:
             ray.kill(actor)
 
     mlflow_sink = next((s for s in sinks if isinstance(s, MlflowSink)), None)
@@ -176,16 +240,22 @@ def run(
     )
 
 
-def start_workers(config: SweepConfig, count: int, weights: Optional[bytes], anchors: Dict[str, Any]) -> List[Any]:
-    """`count` worker actors; the weights and each recipe's anchors enter the object store once."""
+def worker_factory(config: SweepConfig, weights: Optional[bytes], anchors: Dict[str, Any]) -> Callable[[], Any]:
+    """Makes worker actors; the weights and each recipe's anchors enter the object store once for all of them."""
     options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
     weights_ref = ray.put(weights) if weights is not None else None
     anchor_refs = {key: ray.put(value) for key, value in anchors.items()}
     spec = config.to_dict()
-    return [
-        RemoteEvalWorker.options(**options).remote(spec, weights_ref, config.model.weights or "", anchor_refs)
-        for _ in range(count)
-    ]
+    weights_name = config.model.weights or ""
+    serial = iter(range(1 << 62))
+    stamp = uuid.uuid4().hex[:8]
+
+    def make() -> Any:
+        # Named, so operators (and `ray list actors`) can tell a sweep's workers apart.
+        name = f"sweep:{config.name}:{stamp}:worker-{next(serial)}"
+        return RemoteEvalWorker.options(name=name, **options).remote(spec, weights_ref, weights_name, anchor_refs)
+
+    return make
 
 
 def describe_workers(actors: List[Any]) -> List[str]:
@@ -201,7 +271,7 @@ def describe_workers(actors: List[Any]) -> List[str]:
 
 
 def open_sinks(config: SweepConfig, schema, metric_names: List[str], results: str, run_dir: Path,
-               total: int, workers: int) -> List[Any]:
+               total: int, workers: int, mlflow_run_id: Optional[str] = None) -> List[Any]:
     sinks: List[Any] = []
     stamp = {"sweep.name": config.name, "sweep.config_digest": config.digest(),
              **{f"sweep.version.{k}": v for k, v in versions().items()}}
@@ -221,6 +291,7 @@ def open_sinks(config: SweepConfig, schema, metric_names: List[str], results: st
             per_candidate=total <= m.max_candidate_metrics,
             results_uri=results if config.sinks.parquet.enabled else None,
             retry_seconds=m.retry_seconds,
+            run_id=mlflow_run_id,
             on_run=lambda run_id: write_run_record(run_dir, mlflow_run_id=run_id),
         ))
     return sinks
@@ -252,9 +323,10 @@ def git_commit() -> str:
 class Progress:
     """A rich progress bar on a terminal, a log line every few seconds otherwise."""
 
-    def __init__(self, total: int, enabled: Optional[bool] = None):
+    def __init__(self, total: int, enabled: Optional[bool] = None, done: int = 0):
         self.total = total
-        self.done = 0
+        self.done = done
+        self.start_done = done
         self.tty = sys.stderr.isatty() if enabled is None else enabled
         self.started = time.monotonic()
         self.last_line = self.started
@@ -269,13 +341,13 @@ class Progress:
                             TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
                             transient=False)
             self._bar.__enter__()
-            self._task = self._bar.add_task("sweep", total=self.total, rate="")
+            self._task = self._bar.add_task("sweep", total=self.total, completed=self.done, rate="")
         return self
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        rate = self.done / max(now - self.started, 1e-9)
+        rate = (self.done - self.start_done) / max(now - self.started, 1e-9)
         if self._bar is not None:
             self._bar.update(self._task, advance=n, rate=f"{rate:,.1f} cand/s")
         elif now - self.last_line >= LOG_INTERVAL:
