@@ -22,7 +22,9 @@ TRIAL_SIZES = (8, 32, 128, 512, 2048, 8192)
 #: Each trial size is timed over at least this long (short calls are noisy).
 TRIAL_SECONDS = 0.015
 #: A trial slower than this ends the search (bigger chunks only take longer).
-MAX_TRIAL_SECONDS = 0.5
+MAX_TRIAL_SECONDS = 0.25
+#: The whole measurement stops trying larger chunks after this long.
+MAX_MEASURE_SECONDS = 1.0
 #: Fraction of free device memory (or available RAM) a chunk may use.
 MEMORY_FRACTION_CUDA = 0.5
 MEMORY_FRACTION_CPU = 0.25
@@ -74,9 +76,9 @@ def loop_chunk(param_bytes: int, bound: int) -> int:
 
 
 def _timed(fn, min_seconds: float = TRIAL_SECONDS, max_repeat: int = 20) -> float:
-    """Best of several calls: at least two, more while they add up to under `min_seconds`."""
+    """Best of several calls: at least one, more while they add up to under `min_seconds`."""
     best, spent, count = float("inf"), 0.0, 0
-    while count < 2 or (spent < min_seconds and count < max_repeat):
+    while count < 1 or (spent < min_seconds and count < max_repeat):
         start = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - start
@@ -143,13 +145,15 @@ def _measure(ev: "Evaluator", sizes: Tuple[int, ...] = TRIAL_SIZES) -> Tuple[int
     loop_rate = 1.0 / max(loop_seconds, 1e-9)
 
     rates: Dict[int, float] = {}
+    started = time.perf_counter()
     for k in sizes:
-        if k > bound:
+        if k > bound or time.perf_counter() - started > MAX_MEASURE_SECONDS:
             break
         batched = {n: t.expand((k,) + tuple(t.shape)).contiguous() for n, t in one.items()}
         try:
             # Measured without torch.compile: compiling every trial size would take minutes.
-            ev._vmap_values(batched, shared, k, batches=first, compiled=False)  # warm-up
+            if not rates:
+                ev._vmap_values(batched, shared, k, batches=first, compiled=False)  # warm-up
             seconds = _timed(lambda: (ev._vmap_values(batched, shared, k, batches=first, compiled=False), sync()))
         except Exception:  # noqa: BLE001 - the first real chunk decides and warns
             if not rates:

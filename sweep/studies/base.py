@@ -30,7 +30,7 @@ class RecipeBatch:
 class CandidateBatch:
     """Candidates `ids`, the recipe columns that describe them, and how to make them."""
 
-    ids: List[int]
+    ids: Sequence[int]  # a list or a 1-D int64 array
     columns: Dict[str, List[Any]]
     source: Union[CandidateSource, RecipeBatch]
     meta: Dict[str, Any] = field(default_factory=dict)

@@ -127,7 +127,7 @@ class Interpolate:
         for start in range(0, len(todo), batch_size):
             ids = todo[start : start + batch_size]
             rows = AffineRows(self.coeffs[ids], self.names, {"alpha": self.alphas[ids]})
-            yield CandidateBatch(ids.tolist(), {}, RecipeBatch(self.key, rows))
+            yield CandidateBatch(ids, {}, RecipeBatch(self.key, rows))
 
 
 def plan(config: Config) -> Interpolate:

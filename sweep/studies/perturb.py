@@ -84,7 +84,7 @@ class Perturb:
                 if not len(ids):
                     continue
             rows = NoiseRows(self.seed * SEED_STRIDE + ids, self.sigma)
-            yield CandidateBatch(ids.tolist(), {}, RecipeBatch(self.key, rows))
+            yield CandidateBatch(ids, {}, RecipeBatch(self.key, rows))
 
 
 def plan(config: Config) -> Perturb:

@@ -205,6 +205,16 @@ def cluster(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
         assert not survivors, f"processes of the test cluster still running: {survivors}"
         assert address_after == address_before, "the test cluster changed /tmp/ray/ray_current_cluster"
+        _session_cluster_still_answers()
+
+
+def _session_cluster_still_answers() -> None:
+    """The local cluster this pytest process may hold (tests/conftest.py `ray_cluster`) is untouched."""
+    import ray
+
+    if ray.is_initialized():
+        assert ray.get(ray.put("still here"), timeout=30) == "still here"
+        assert all(n["Alive"] for n in ray.nodes()), "a node of the session's cluster died"
 
 
 def _results(path: Path):

@@ -335,7 +335,7 @@ def test_interpolate_endpoint_mismatch_is_a_config_error(tmp_path):
 def test_perturb_seeds_and_skip(tmp_path):
     study = pert.Perturb(pert.Config.model_validate({"kind": "perturb", "sigma": 0.1, "count": 10, "seed": 3}))
     batches = list(study.batches(4))
-    assert [b.ids for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [list(b.ids) for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     for b in batches:
         assert b.source.rows.seeds.tolist() == [3 * 2**32 + k for k in b.ids]
         assert b.source.key == study.key
