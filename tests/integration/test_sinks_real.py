@@ -119,6 +119,9 @@ def test_results_stay_readable_after_the_driver_is_killed(repo, tmp_path):
 
     assert len(pandas.read_parquet(results)) == expected
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{results}/*.parquet')").fetchall()[0][0] == expected
+    import polars
+
+    assert polars.scan_parquet(str(results / "*.parquet")).select(polars.len()).collect().item() == expected
     ids = ds.dataset(str(results), format="parquet").to_table(columns=["candidate_id"]).column("candidate_id")
     assert len(set(ids.to_pylist())) == expected, "no row twice"
 
