@@ -87,6 +87,14 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device (or host) allocation that failed, as opposed to any other error."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 class CandidateError(Exception):
     """A candidate whose forward or metrics failed; the row becomes `failed`."""
 
@@ -155,6 +163,7 @@ class Evaluator:
             self.batches.append((tree_map(move, x), tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, y), _batch_size(x, y)))
         if not self.batches:
             raise ValueError("data yielded no batches: give at least one (x, y) batch to evaluate on")
+        _check_batch_shapes(self.batches)
         self.total = sum(n for _, _, n in self.batches)
         named_buffers = dict(module.named_buffers())
         self.buffers = {n: named_buffers[n].detach().to(self.device, copy=True) for n in self.schema.buffer_names}
@@ -237,8 +246,16 @@ class Evaluator:
             while start < n:
                 stop = min(n, start + self._chunk_hint(n))
                 t0 = time.perf_counter()
-                chunks.append((self._recipe_chunk(rows.slice(start, stop), prepared), 0.0))
-                chunks[-1] = (chunks[-1][0], time.perf_counter() - t0)
+                try:
+                    chunk = self._recipe_chunk(rows.slice(start, stop), prepared)
+                except Exception as e:  # noqa: BLE001 - only running out of memory is handled here
+                    if not is_out_of_memory(e) or stop - start == 1:
+                        raise
+                    # Materialising the chunk did not fit: smaller chunks from here on.
+                    prepared.release()
+                    self.chunk_size = max(1, (stop - start) // 2)
+                    continue
+                chunks.append((chunk, time.perf_counter() - t0))
                 start = stop
         return self._table(chunks, ids, rows.columns(), timing)
 
@@ -364,9 +381,22 @@ class Evaluator:
                           rows: np.ndarray, chunk: _Chunk) -> None:
         """Evaluate k stacked candidates; rows[i] is where candidate i's result goes in `chunk`."""
         if self.mode != "loop":
+            k = next(iter(batched.values())).shape[0] if batched else len(rows)
+            # A forward that writes to its buffers gets a fresh copy per chunk: no state
+            # leaks from one chunk (or candidate) to the next, and the module's stay as they are.
+            shared = {n: b.clone() if n in self.buffers else b for n, b in shared.items()}
             try:
-                values = self._vmap_values(batched, shared, next(iter(batched.values())).shape[0] if batched else len(rows))
+                values = self._vmap_values(batched, shared, k)
             except Exception as e:  # noqa: BLE001 - any failure: the loop decides what it was
+                if is_out_of_memory(e) and len(rows) > 1:
+                    # Too big for the device: halve the chunk (and every later one) and try again.
+                    half = len(rows) // 2
+                    self.chunk_size = max(1, min(self.chunk_size or half, half))
+                    warnings.warn(f"sweep: a chunk of {len(rows)} candidates ran out of memory; "
+                                  f"chunks are now {self.chunk_size}", RuntimeWarning, stacklevel=3)
+                    for part in (slice(0, half), slice(half, len(rows))):
+                        self._evaluate_stacked({n: t[part] for n, t in batched.items()}, shared, rows[part], chunk)
+                    return
                 self._loop_chunk(batched, shared, rows, chunk, vmap_error=e)
                 return
             if self.mode is None:
@@ -422,6 +452,11 @@ class Evaluator:
         except CandidateError:
             raise
         except Exception as e:  # noqa: BLE001 - any error in user code fails this row only
+            if is_out_of_memory(e):
+                size = sum(t[i].numel() * t[i].element_size() for t in batched.values())
+                raise CandidateError(
+                    f"out of memory evaluating this candidate alone on {self.device} "
+                    f"(its weights take {size:,} bytes; {_first_line(e)})") from e
             raise CandidateError(f"{type(e).__name__}: {e}") from e
         result = {name: float(total.item()) / self.total for name, total in sums.items()}
         if self.metric_names is None:
@@ -542,6 +577,26 @@ class Evaluator:
                 np.concatenate([np.full(c.k, t / max(c.k, 1)) for c, t in chunks]) if chunks else np.array([]),
                 pa.float64())
         return pa.table(columns)
+
+
+def _check_batch_shapes(batches: List[Tuple[Any, Any, int]]) -> None:
+    """Every batch's tensors must match the first batch's in all but the batch dimension."""
+    def shapes(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape[1:]), value.dtype)
+        if isinstance(value, (tuple, list)):
+            return tuple(shapes(v) for v in value)
+        if isinstance(value, Mapping):
+            return tuple((k, shapes(v)) for k, v in value.items())
+        return None
+
+    first = (shapes(batches[0][0]), shapes(batches[0][1]))
+    for i, (x, y, _) in enumerate(batches[1:], 1):
+        got = (shapes(x), shapes(y))
+        if got != first:
+            raise ValueError(
+                f"data batch {i} does not match batch 0: (x, y) per-example shapes and dtypes {got} "
+                f"against {first}; every batch must hold the same kind of examples")
 
 
 def _nonfinite_error(row: torch.Tensor, prepared: Prepared) -> str:

@@ -67,6 +67,10 @@ class Prepared:
         self.absmax = {name: _absmax(t) for name, t in flats.items()}
         self._scratch: Optional[torch.Tensor] = None
 
+    def release(self) -> None:
+        """Drop the scratch buffer (after running out of memory with it)."""
+        self._scratch = None
+
     def scratch(self, k: int) -> torch.Tensor:
         """A reused [k, P] float32 buffer for one chunk: no fresh allocation (and page faults) per chunk."""
         p = self.flats["base"].numel()

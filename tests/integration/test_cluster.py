@@ -154,8 +154,7 @@ def cluster(tmp_path_factory):
     home.mkdir()
     base_env = _clean_env(marker, root / "nohome")
     (root / "nohome").mkdir()
-    default_address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    address_before = default_address_file.read_bytes() if default_address_file.exists() else None
+    logs_dir = tmp_path_factory.mktemp("cluster-logs")  # kept by pytest, unlike the nodes' temp dirs
 
     # The documented way to make a token: it lands in ~/.ray/auth_token of that HOME.
     made = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env={**base_env, "HOME": str(home)},
@@ -181,7 +180,7 @@ def cluster(tmp_path_factory):
     worker_env = cluster.env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(root / "worker-token"))
 
     procs: List[subprocess.Popen] = []
-    logs = [root / "head.log", root / "worker.log"]
+    logs = [logs_dir / "head.log", logs_dir / "worker.log"]
     files = []
 
     def start(cmd, env, log):
@@ -201,11 +200,19 @@ def cluster(tmp_path_factory):
         survivors = _stop(list(reversed(procs)), marker)
         for f in files:
             f.close()
-        address_after = default_address_file.read_bytes() if default_address_file.exists() else None
         shutil.rmtree(root, ignore_errors=True)
         assert not survivors, f"processes of the test cluster still running: {survivors}"
-        assert address_after == address_before, "the test cluster changed /tmp/ray/ray_current_cluster"
+        _not_the_default_cluster(gcs_port)
         _session_cluster_still_answers()
+
+
+def _not_the_default_cluster(gcs_port: int) -> None:
+    """With its own --temp-dir, `ray start` did not make this cluster the one a bare `ray.init()` joins."""
+    from ray._common.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    if address_file.exists():
+        assert not address_file.read_text().strip().endswith(f":{gcs_port}"), address_file
 
 
 def _session_cluster_still_answers() -> None:
@@ -255,7 +262,7 @@ def test_ray_job_submit_runs_the_quickstart_on_both_nodes(cluster, tmp_path):
         assert (package / "sweep" / "examples" / "checkpoints").is_dir()
         assert not (package / ".venv").exists() and not (package / ".git").exists()
         size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
-        assert size < 20 * 2**20, f"{package} holds {size} bytes"
+        assert size < 100 * 2**20, f"{package} holds {size} bytes: more than the checkout without .venv"
 
 
 def test_driver_joins_the_cluster_and_presents_the_token(cluster, tmp_path):
