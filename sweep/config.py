@@ -1,25 +1,64 @@
 """The typed sweep config: YAML in, unknown keys rejected, paths resolved.
 
 Every problem is raised as one `ConfigError` that names the field path
-(`study.paths`, `sinks.parquet.rows_per_file`, …), before any work starts.
+(`study.paths`, `sinks.parquet.rows_per_file`, …), before any work starts:
+wrong types (true/false is not a number), numbers out of range, NaN and
+infinities, files that are not there, import paths that do not import, YAML
+that cannot be read (duplicate keys included), factory and loader kwargs that
+are not plain data, and config keys MLflow would refuse as param names.
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import errno
+import glob
 import hashlib
 import json
+import math
 import os
+import posixpath
+import re
+import reprlib
+import stat
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Type, Union
+from typing import (Annotated, Any, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple,
+                    Union, get_args, get_origin)
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict,
+                      Tag, ValidationError, ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
-from .errors import ConfigError
+from .errors import ConfigError, SweepError
 from .model import import_callable
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+#: Largest integer a config may hold anywhere: what JSON readers, Parquet metadata and MLflow keep exactly.
+MAX_INT64 = 2**63 - 1
+MIN_INT64 = -(2**63)
+#: Bounds of the worker settings.
+MAX_WORKERS = 100_000
+MAX_WORKER_RESOURCE = 1_000_000.0  # CPUs or GPUs reserved per worker
+MAX_BATCH_SIZE = 1_000_000  # candidates per task, and per vmapped chunk
+MAX_IN_FLIGHT = 64
+#: Bounds of the sink settings.
+MAX_ROWS_PER_FILE = 1_000_000_000
+MAX_SECONDS = 366 * 24 * 3600.0  # flush_seconds, retry_seconds: a year at most
+#: Factory and loader kwargs: plain data, nested at most this deep, at most this many values in all.
+MAX_NESTING = 64
+MAX_VALUES = 100_000
+
+#: MLflow's rules for metric names and param keys (mlflow/utils/validation.py): at most
+#: MAX_ENTITY_KEY_LENGTH characters, only the characters of `validate_param_and_metric_name`
+#: (it allows ':' too, except on Windows; a tracking server may run anywhere, so ':' is refused
+#: here), and `path_not_unique`: the name must be its own normalised relative path.
+MLFLOW_MAX_KEY_LENGTH = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
+MLFLOW_KEY_PATTERN = re.compile(r"[/\w.\- ]*")  # fullmatch; MLflow's own `$` also lets one trailing newline by
+#: MLflow refuses empty experiment names and those longer than this (MAX_EXPERIMENT_NAME_LENGTH).
+MLFLOW_MAX_EXPERIMENT_NAME_LENGTH = 500
 
 
 class Section(BaseModel):
@@ -28,27 +67,187 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# --------------------------------------------------------------------------- field types
+
+
+def _finite_number(value: Any) -> Any:
+    """Before float parsing: true/false and NaN/±inf (as floats or strings) are refused."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "should be a number, not true/false")
+    if isinstance(value, (float, str)):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            return value  # pydantic says what is wrong with it
+        if not math.isfinite(number):
+            raise PydanticCustomError("finite_number", "should be a finite number")
+    return value
+
+
+def _valid_text(value: Any) -> Any:
+    """Before str parsing: a string must be writable as UTF-8 (config.yaml, MLflow, Parquet metadata)."""
+    if isinstance(value, str) and not _encodable(value):
+        raise PydanticCustomError("text_surrogate", "is not valid Unicode text (it holds a lone surrogate)")
+    return value
+
+
+#: An integer: true/false, fractions and quoted numbers are refused (lax mode would read true as 1).
+Int = Annotated[int, Strict()]
+#: A finite number: integers and numeric strings (YAML reads `1e-3` as a string) are taken, true/false refused.
+Float = Annotated[float, BeforeValidator(_finite_number), AllowInfNan(False)]
+#: A string that can be written out.
+Text = Annotated[str, BeforeValidator(_valid_text)]
+
+
+def _import_path(value: str) -> str:
+    module, sep, attr = value.partition(":")
+    if not (sep and _dotted(module) and _dotted(attr)):
+        raise ValueError("should be an import path 'package.module:function' (dotted names, one ':')")
+    return value
+
+
+def _dotted(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
+
+
+#: 'package.module:function'; whether it imports is checked by `parse_config`.
+ImportPath = Annotated[Text, AfterValidator(_import_path)]
+
+
+def _plain_kwargs(value: Dict[str, Any]) -> Dict[str, Any]:
+    found = _plain_problem(value, (), (), [0])
+    if found is not None:
+        at, reason = found
+        raise PydanticCustomError("sweep_at", "{reason}", {"at": at, "reason": reason})
+    return value
+
+
+#: Keyword arguments for a factory or loader: plain data (what YAML, JSON and MLflow params can hold).
+Kwargs = Annotated[Dict[str, Any], AfterValidator(_plain_kwargs)]
+
+
+def _plain_problem(value: Any, at: Tuple[Any, ...], ancestors: Tuple[int, ...],
+                   count: List[int]) -> Optional[Tuple[Tuple[Any, ...], str]]:
+    """(where below the root, why) for the first value that is not plain data, or None."""
+    count[0] += 1
+    if count[0] > MAX_VALUES:
+        return (), f"holds more than {MAX_VALUES:,} values (YAML aliases can repeat one value many times)"
+    if value is None or isinstance(value, (bool, float)):
+        return None
+    if isinstance(value, int):
+        if not MIN_INT64 <= value <= MAX_INT64:
+            return at, f"the integer {_short(value)} is outside the 64-bit range"
+        return None
+    if isinstance(value, str):
+        return None if _encodable(value) else (at, "is not valid Unicode text (it holds a lone surrogate)")
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in ancestors:
+            return at, "contains itself (a YAML alias inside its own anchor)"
+        if len(ancestors) >= MAX_NESTING:
+            return at, f"is nested more than {MAX_NESTING} levels deep"
+        inner = ancestors + (id(value),)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, dict):
+                if not isinstance(key, str):
+                    return at, f"the key {_short(key)} is {_kind(key)}; keys should be strings"
+                if not _encodable(key):
+                    return at, f"the key {key!r} is not valid Unicode text (it holds a lone surrogate)"
+            found = _plain_problem(item, at + (key,), inner, count)
+            if found is not None:
+                return found
+        return None
+    hint = "; quote it to pass a string" if isinstance(value, (datetime.date, datetime.time)) else ""
+    return at, (f"should be plain data (null, true/false, a number, a string, a list or a mapping), "
+                f"got a value of type {type(value).__name__}{hint}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- paths
+
+
 def checks_files(info: ValidationInfo) -> bool:
     """False where a config is re-read away from its files (on a worker node)."""
     return (info.context or {}).get("check_files", True)
 
 
 def resolve_path(value: str | Path, info: ValidationInfo) -> str:
-    """Resolve `value` against the config file's folder (passed as context)."""
+    """Resolve `value` against the config file's folder (passed as context).
+
+    Raises ValueError (which validation reports under the field) for a path that
+    cannot name a file: empty, holding a NUL character, or '~user' of no user.
+    """
+    text = os.fspath(value)
+    if not text.strip():
+        raise ValueError("should be a path, got an empty string")
+    if "\0" in text:
+        raise ValueError(f"a path cannot hold a NUL character: {text!r}")
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        raise ValueError(f"cannot expand {text.split('/')[0]!r}: no such user or no home folder "
+                         f"(write './{text}' for a file of that name)")
     base = (info.context or {}).get("base_dir")
-    path = Path(value).expanduser()
+    path = Path(expanded)
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
     return os.path.normpath(path)
 
 
+def path_kind(path: str) -> Optional[str]:
+    """'file', 'folder' or 'other' for what is at `path`, None when nothing is there.
+
+    Raises ValueError for a path the system cannot look at (too long, no permission, …).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as e:  # a NUL character, or text the file system cannot encode
+        raise ValueError(f"not a usable path: {path!r} ({e})") from None
+    except OSError as e:
+        reason = "too many levels of symbolic links" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise ValueError(f"cannot look at {path}: {reason}") from None
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
+def check_file(path: str) -> None:
+    """ValueError unless `path` is a regular file."""
+    kind = path_kind(path)
+    if kind is None:
+        raise ValueError(f"file not found: {path}")
+    if kind == "folder":
+        raise ValueError(f"{path} is a folder, not a file")
+    if kind != "file":
+        raise ValueError(f"{path} is not a regular file")
+
+
+def glob_matches_a_file(pattern: str) -> bool:
+    """Whether `pattern` (recursive `**` allowed) matches at least one thing that is not a folder."""
+    try:
+        for match in glob.iglob(pattern, recursive=True):
+            if path_kind(match) not in (None, "folder"):
+                return True
+    except OSError as e:
+        raise ValueError(f"cannot search {pattern}: {e.strerror or e}") from None
+    return False
+
+
 class ModelSection(Section):
     """The shared module every candidate is evaluated against."""
 
-    factory: str = Field(description="'package.module:function' returning a torch.nn.Module")
-    kwargs: Dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
-    weights: Optional[str] = Field(None, description="safetensors file loaded into the module (optional)")
-    seed: int = Field(0, ge=0, lt=2**63, description="torch seed the factory runs under, so every worker builds the same module")
+    factory: ImportPath = Field(description="'package.module:function' returning a torch.nn.Module")
+    kwargs: Kwargs = Field(default_factory=dict, description="keyword arguments for the factory")
+    weights: Optional[Text] = Field(None, description="safetensors file loaded into the module (optional)")
+    seed: Int = Field(0, ge=0, le=MAX_INT64, description="torch seed the factory runs under, so every worker builds the same module")
 
     @field_validator("weights")
     @classmethod
@@ -56,23 +255,23 @@ class ModelSection(Section):
         if v is None:
             return v
         path = resolve_path(v, info)
-        if checks_files(info) and not Path(path).is_file():
-            raise ValueError(f"file not found: {path}")
+        if checks_files(info):
+            check_file(path)
         return path
 
 
 class DataSection(Section):
     """The eval data: a loader that returns an iterable of (x, y) batches."""
 
-    loader: str = Field(description="'package.module:function' returning an iterable of (x, y) batches")
-    kwargs: Dict[str, Any] = Field(default_factory=dict)
+    loader: ImportPath = Field(description="'package.module:function' returning an iterable of (x, y) batches")
+    kwargs: Kwargs = Field(default_factory=dict)
 
 
 class MetricsSection(Section):
     """The metrics function and which metric ranks candidates."""
 
-    function: str = Field(description="'package.module:function', metrics(output, y) -> {name: scalar}")
-    objective: Optional[str] = Field(None, description="metric that ranks candidates (default: the first one)")
+    function: ImportPath = Field(description="'package.module:function', metrics(output, y) -> {name: scalar}")
+    objective: Optional[Text] = Field(None, min_length=1, description="metric that ranks candidates (default: the first one)")
     mode: Literal["min", "max"] = Field("min", description="whether lower or higher objective is better")
 
 
@@ -81,58 +280,58 @@ class EvaluationSection(Section):
 
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 stores the materialised weights in bfloat16")
     compile: bool = Field(False, description="torch.compile the vmapped call (compile time reported apart)")
-    chunk_size: Union[Literal["auto"], int] = Field(
+    chunk_size: Union[Literal["auto"], Int] = Field(
         "auto", description="candidates per vmapped call; auto measures at start-up")
 
     @field_validator("chunk_size")
     @classmethod
     def _chunk(cls, v: Union[str, int]) -> Union[str, int]:
-        if isinstance(v, int) and not 1 <= v <= 1_000_000:
-            raise ValueError("must be 'auto' or an integer from 1 to 1000000")
+        if isinstance(v, int) and not 1 <= v <= MAX_BATCH_SIZE:
+            raise ValueError(f"must be 'auto' or an integer from 1 to {MAX_BATCH_SIZE}")
         return v
 
 
 class WorkersSection(Section):
     """Ray workers: how many, what each reserves, how work is batched."""
 
-    count: Union[Literal["auto"], int] = Field("auto", description="'auto' uses the CPUs (or GPUs) Ray reports")
-    cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker")
-    gpus: float = Field(0.0, ge=0, description="GPUs per worker; fractions share a device")
-    device: str = Field("auto", description="'auto' (cuda when the worker has a GPU), 'cpu' or 'cuda[:N]'")
-    batch_size: Union[Literal["auto"], int] = Field(
+    count: Union[Literal["auto"], Int] = Field("auto", description="'auto' uses the CPUs (or GPUs) Ray reports")
+    cpus: Float = Field(1.0, gt=0, le=MAX_WORKER_RESOURCE, description="CPUs reserved per worker")
+    gpus: Float = Field(0.0, ge=0, le=MAX_WORKER_RESOURCE, description="GPUs per worker; fractions share a device")
+    device: Text = Field("auto", description="'auto' (cuda when the worker has a GPU), 'cpu' or 'cuda[:N]'")
+    batch_size: Union[Literal["auto"], Int] = Field(
         "auto", description="candidates per task sent to a worker; auto: 8 files, or 4096 recipe rows")
-    max_in_flight: int = Field(2, ge=1, le=64, description="tasks queued per worker")
+    max_in_flight: Int = Field(2, ge=1, le=MAX_IN_FLIGHT, description="tasks queued per worker")
 
     @field_validator("count")
     @classmethod
     def _count(cls, v: Union[str, int]) -> Union[str, int]:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be 'auto' or a positive integer")
+        if isinstance(v, int) and not 1 <= v <= MAX_WORKERS:
+            raise ValueError(f"must be 'auto' or an integer from 1 to {MAX_WORKERS}")
         return v
 
     @field_validator("batch_size")
     @classmethod
     def _batch_size(cls, v: Union[str, int]) -> Union[str, int]:
-        if isinstance(v, int) and not 1 <= v <= 1_000_000:
-            raise ValueError("must be 'auto' or an integer from 1 to 1000000")
+        if isinstance(v, int) and not 1 <= v <= MAX_BATCH_SIZE:
+            raise ValueError(f"must be 'auto' or an integer from 1 to {MAX_BATCH_SIZE}")
         return v
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v in ("auto", "cpu") or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+        if v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]{1,4}", v):
             return v
-        raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {v!r}")
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 class ParquetSink(Section):
     """Results as a Parquet dataset (default: <out>/runs/<name>/results/)."""
 
     enabled: bool = True
-    path: Optional[str] = Field(
+    path: Optional[Text] = Field(
         None, description="where the dataset goes: a local folder or a pyarrow.fs URI (s3://, gs://, file://)")
-    rows_per_file: int = Field(100_000, ge=1, description="rows buffered before a file is written")
-    flush_seconds: float = Field(30.0, gt=0, description="longest time rows wait in the buffer")
+    rows_per_file: Int = Field(100_000, ge=1, le=MAX_ROWS_PER_FILE, description="rows buffered before a file is written")
+    flush_seconds: Float = Field(30.0, gt=0, le=MAX_SECONDS, description="longest time rows wait in the buffer")
 
     @field_validator("path")
     @classmethod
@@ -146,12 +345,16 @@ class MlflowSink(Section):
     """One MLflow run per sweep."""
 
     enabled: bool = True
-    tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else MLflow's default")
-    experiment: Optional[str] = Field(None, description="default: the sweep's name")
-    max_candidate_metrics: int = Field(
-        10_000, ge=0, description="sweeps with more candidates log per-batch summaries, not one step per candidate")
-    retry_seconds: float = Field(
-        120.0, ge=0, description="how long one logging request is retried (with backoff) while the server is away")
+    tracking_uri: Optional[Text] = Field(
+        None, min_length=1, description="default: $MLFLOW_TRACKING_URI, else MLflow's default")
+    experiment: Optional[Text] = Field(
+        None, min_length=1, max_length=MLFLOW_MAX_EXPERIMENT_NAME_LENGTH, description="default: the sweep's name")
+    max_candidate_metrics: Int = Field(
+        10_000, ge=0, le=MAX_INT64,
+        description="sweeps with more candidates log per-batch summaries, not one step per candidate")
+    retry_seconds: Float = Field(
+        120.0, ge=0, le=MAX_SECONDS,
+        description="how long one logging request is retried (with backoff) while the server is away")
 
 
 class SinksSection(Section):
@@ -159,15 +362,29 @@ class SinksSection(Section):
     mlflow: MlflowSink = Field(default_factory=MlflowSink)
 
 
+def _study_kind(value: Any) -> Optional[str]:
+    """The study's `kind`, for choosing its Config. Only a string can name one: pydantic's own tag
+    lookup would hash and print any value, and a list or a 5000-digit integer there ends up as an
+    'Exception ignored' on stderr."""
+    if isinstance(value, dict):
+        if "kind" not in value:
+            return None
+        kind = value["kind"]
+    else:
+        kind = getattr(value, "kind", None)
+    return kind if isinstance(kind, str) else _NOT_A_KIND
+
+
+_NOT_A_KIND = "\0not a study kind"
+
+
 def _study_union() -> Any:
     from .studies import STUDIES
 
-    configs = tuple(study.Config for study in STUDIES.values())
+    configs = tuple(Annotated[study.Config, Tag(kind)] for kind, study in STUDIES.items())
     if len(configs) == 1:
-        return configs[0]
-    from typing import Annotated
-
-    return Annotated[Union[configs], Field(discriminator="kind")]  # type: ignore[valid-type]
+        return STUDIES[next(iter(STUDIES))].Config
+    return Annotated[Union[configs], Discriminator(_study_kind)]  # type: ignore[valid-type]
 
 
 class SweepConfig(Section):
@@ -181,6 +398,31 @@ class SweepConfig(Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     workers: WorkersSection = Field(default_factory=WorkersSection)
     sinks: SinksSection = Field(default_factory=SinksSection)
+
+    @model_validator(mode="after")
+    def _mlflow_names(self) -> "SweepConfig":
+        """The flattened config becomes MLflow params: each key must be one MLflow takes."""
+        if not self.sinks.mlflow.enabled:
+            return self
+        how = "rename it, or set sinks.mlflow.enabled: false"
+        seen: Dict[str, Tuple[Any, ...]] = {}
+        for key, at, _ in _param_items(self.to_dict()):
+            problem = mlflow_name_problem(key)
+            if problem is not None:
+                raise PydanticCustomError("sweep_at", "{reason}", {"at": at, "reason": (
+                    f"becomes the MLflow param {_short(key)}, which MLflow refuses: it {problem}; {how}")})
+            if key in seen:
+                raise PydanticCustomError("sweep_at", "{reason}", {"at": at, "reason": (
+                    f"becomes the MLflow param {_short(key)}, and so does the setting at "
+                    f"{' → '.join(_short(k) for k in seen[key])}; rename one of them")})
+            seen[key] = at
+        objective = self.metrics.objective
+        if objective is not None:
+            problem = _metric_name_problem(objective)
+            if problem is not None:
+                raise PydanticCustomError("sweep_at", "{reason}", {"at": ("metrics", "objective"), "reason": (
+                    f"{_short(objective)} is logged as an MLflow metric, which MLflow refuses: {problem}; {how}")})
+        return self
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
@@ -196,21 +438,26 @@ IMPORT_FIELDS = (("model", "factory"), ("data", "loader"), ("metrics", "function
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_imports: bool = True) -> SweepConfig:
     """Read, override (`key.path=value`, value parsed as YAML) and validate a config file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(_one_line(f"{_short(path)}: a config file is named by a path, not {_kind(path)}"))
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(_one_line(f"{path}: config file not found")) from None
+    except IsADirectoryError:
+        raise ConfigError(_one_line(f"{path}: is a folder, not a config file")) from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(_one_line(f"{path}: cannot read config: {e.strerror or e}")) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(_one_line(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})")) from None
+    except ValueError as e:  # a NUL character in the path
+        raise ConfigError(_one_line(f"{path!r}: cannot read config: {e}")) from None
+    raw = read_yaml(text, source=str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(_one_line(f"{path}: the config must be a mapping of sections, got {_kind(raw)}"))
     for item in overrides:
         apply_override(raw, item)
     return parse_config(raw, base_dir=path.resolve().parent, source=str(path), check_imports=check_imports)
@@ -218,107 +465,415 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_import
 
 def parse_config(raw: Dict[str, Any], *, base_dir: Path, source: str = "config",
                  check_imports: bool = True) -> SweepConfig:
+    """Validate a config given as a mapping; every problem is a `ConfigError` naming its field."""
     try:
         config = SweepConfig.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as e:
-        raise ConfigError(f"{source}: " + "; ".join(_describe_errors(e))) from None
+        raise ConfigError(_one_line(f"{source}: " + "; ".join(_describe_errors(e)))) from None
     if check_imports:
         for section, field in IMPORT_FIELDS:
             spec = getattr(getattr(config, section), field)
             try:
                 import_callable(spec)
-            except Exception as e:  # an import error in the user's module is theirs to read
-                raise ConfigError(f"{source}: {section}.{field}: {e}") from None
+            except (Exception, SystemExit) as e:  # an import error in the user's module is theirs to read
+                raise ConfigError(_one_line(f"{source}: {section}.{field}: {_first_line(e)}")) from None
     return config
 
 
 def apply_override(raw: Dict[str, Any], item: str) -> None:
     """Apply one `--set key.path=value` to the raw config dict."""
+    if not isinstance(item, str):
+        raise ConfigError(_one_line(f"--set {_short(item)}: expected a string key.path=value"))
     key, sep, value = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
-        raise ConfigError(f"--set {item!r}: expected key.path=value")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(_one_line(f"--set {item!r}: expected key.path=value"))
+    parsed = read_yaml(value, source=f"--set {item!r}", at=key.strip())
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {item!r}: '{'.'.join(parts[: i + 1])}' is not a section")
+            raise ConfigError(_one_line(f"--set {item!r}: '{'.'.join(parts[: i + 1])}' is not a section"))
         node = child
     node[parts[-1]] = parsed
 
 
+# --------------------------------------------------------------------------- YAML
+
+
+class _YamlValueError(yaml.YAMLError):
+    """A value YAML parsed but could not construct (a date out of range, a huge integer, a duplicate key)."""
+
+    def __init__(self, at: str, message: str):
+        super().__init__(f"{at}: {message}" if at else message)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys and naming the key path of a value it cannot read."""
+
+    paths: Dict[int, str] = {}
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, ArithmeticError) as e:  # int('9' * 5000), date(2024, 13, 45), …
+            value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
+            reason = "too many digits" if "integer string conversion" in str(e) else _first_line(e)
+            raise _YamlValueError(self._at(node), f"cannot read {_short(value)} (line {node.start_mark.line + 1}): "
+                                                  f"{reason}") from None
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: PyYAML says so below
+                    continue
+                if duplicate:
+                    at = self._at(node)
+                    raise _YamlValueError(f"{at}.{key}" if at else str(key),
+                                          f"duplicate key {_short(key)} (line {key_node.start_mark.line + 1}); "
+                                          f"YAML would keep only the last one")
+        return super().construct_mapping(node, deep=deep)
+
+    def _at(self, node: yaml.Node) -> str:
+        return self.paths.get(id(node), "")
+
+
+def _node_paths(root: yaml.Node, prefix: str) -> Dict[int, str]:
+    """id(node) -> the key path of every node under `root` (keys get their mapping's path)."""
+    paths: Dict[int, str] = {}
+    stack = [(root, prefix)]
+    while stack:
+        node, at = stack.pop()
+        if id(node) in paths:
+            continue
+        paths[id(node)] = at
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                stack.append((key_node, at))
+                stack.append((value_node, f"{at}.{key}" if at else key))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(node.value))
+    return paths
+
+
+def read_yaml(text: str, *, source: str, at: str = "") -> Any:
+    """Parse YAML with the safe loader; every problem is a one-line `ConfigError` starting with `source`."""
+    loader = None
+    try:
+        loader = _Loader(text)  # refuses characters YAML does not allow
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        loader.paths = _node_paths(node, at)
+        return loader.construct_document(node)
+    except _YamlValueError as e:
+        raise ConfigError(_one_line(f"{source}: {e}")) from None
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_one_line(f"{source}: not valid YAML: {_yaml_problem(e)}")) from None
+    except RecursionError:
+        raise ConfigError(_one_line(f"{source}: not valid YAML: nested too deeply")) from None
+    except Exception as e:  # the reader's own errors, whatever their type
+        raise ConfigError(_one_line(f"{source}: not valid YAML: {_first_line(e)}")) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    mark = error.problem_mark or error.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = error.problem or error.context or type(error).__name__
+    if error.problem and error.context:
+        text += f" ({error.context})"
+    return where + text
+
+
+# --------------------------------------------------------------------------- error messages
+
+
 def _describe_errors(error: ValidationError) -> List[str]:
+    """One message per problem, each starting with the field path the user wrote."""
     from .studies import STUDIES
 
-    messages = []
+    messages: List[Any] = []  # a str, or (where, errors) for a value no member of a union took
+    alternatives: Dict[str, List[Dict[str, Any]]] = {}
     for err in error.errors():
-        loc = list(err["loc"])
-        if len(loc) > 1 and loc[0] == "study" and loc[1] in STUDIES:
-            loc.pop(1)  # the discriminated union puts the kind in the path
-        where = ".".join(str(part) for part in loc) or "config"
+        path, tp_parent, in_union = _walk(err["loc"])  # in_union: the value itself fit no member of a union
         kind = err["type"]
+        got = f" (got {_short(err.get('input'))})"
+        if kind == "sweep_at":
+            where = _join_path(tuple(path) + tuple(err["ctx"]["at"])) or "top level"
+            messages.append(f"{where}: {err['ctx']['reason']}")
+            continue
+        if kind == "invalid_key" or (path and path[-1] == "[key]"):
+            # ('model', 'kwargs', 1, '[key]'): the key 1 of model.kwargs; (1,): the top-level key 1
+            where = _join_path(path[:-2] if path and path[-1] == "[key]" else path[:-1]) or "top level"
+            key = err.get("input")
+            messages.append(f"{where}: the key {_short(key)} is {_kind(key)}; keys should be strings")
+            continue
+        where = _join_path(path) or "top level"
+        if in_union:  # e.g. workers.count: neither 'auto' nor an integer
+            if where not in alternatives:
+                alternatives[where] = []
+                messages.append((where, alternatives[where]))
+            alternatives[where].append(err)
+            continue
         if kind == "extra_forbidden":
-            known = _fields_at(SweepConfig, loc[:-1], error_input=None)
-            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            known = _fields_of(tp_parent)
+            hint = difflib.get_close_matches(str(path[-1]), known, n=1) if path else []
             text = f"{where}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
             if known:
                 text += f"; known keys: {', '.join(known)}"
         elif kind == "missing":
             text = f"{where}: required field is missing"
+        elif kind in ("union_tag_invalid", "union_tag_not_found") and not isinstance(err.get("input"), dict):
+            text = f"{where}: should be a mapping of settings, got {_kind(err.get('input'))}{got}"
         elif kind == "union_tag_invalid":
-            text = f"{where}.kind: unknown study kind {err['input'].get('kind')!r}; known kinds: {', '.join(STUDIES)}"
+            tag = err["input"].get("kind")
+            text = f"{where}.kind: unknown study kind {_short(tag)}; known kinds: {', '.join(STUDIES)}"
         elif kind == "union_tag_not_found":
             text = f"{where}.kind: required field is missing; known kinds: {', '.join(STUDIES)}"
+        elif kind in ("too_short", "too_long") and isinstance(err.get("input"), str):
+            bound = err.get("ctx", {}).get("min_length" if kind == "too_short" else "max_length")
+            text = f"{where}: should have {'at least' if kind == 'too_short' else 'at most'} {bound} characters{got}"
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):
+            text = f"{where}: should be a mapping of settings, got {_kind(err.get('input'))}{got}"
         else:
-            msg = err["msg"].removeprefix("Value error, ")
-            text = f"{where}: {msg} (got {_short(err.get('input'))})"
+            text = f"{where}: {_message(err)}{got}"
         messages.append(text)
+    # A value no member of a union took: one message saying what each member wanted.
+    for i, item in enumerate(messages):
+        if isinstance(item, tuple):
+            where, errs = item
+            wanted = " or ".join(dict.fromkeys(_message(e).removeprefix("Input should be ").removeprefix("should be ")
+                                               for e in errs))
+            messages[i] = f"{where}: should be {wanted} (got {_short(errs[0].get('input'))})"
     return messages
 
 
+def _message(err: Dict[str, Any]) -> str:
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _walk(loc: Sequence[Any]) -> Tuple[List[Any], Any, bool]:
+    """The user's field path for a pydantic error location (union member tags dropped), the type
+    holding the last part, and whether a union member tag was dropped."""
+    path: List[Any] = []
+    tp: Any = SweepConfig
+    parent: Any = None
+    in_union = False
+    for part in loc:
+        tp = _unwrap(tp)
+        if _is_union(tp):
+            tp = _union_member(tp, part)
+            in_union = True
+            continue
+        in_union = False
+        parent = tp
+        path.append(part if not (isinstance(part, int) and not isinstance(part, bool)) else [part])
+        tp = _child(tp, part)
+    return path, _unwrap(parent), in_union
+
+
+def _unwrap(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) is Union:
+        members = [a for a in get_args(tp) if a is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return tp
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) is Union
+
+
+def _union_member(tp: Any, tag: Any) -> Any:
+    """The member of a union that pydantic's location part `tag` names (a study kind, a class, a tag)."""
+    for member in get_args(tp):
+        inner = member
+        tags = []
+        while get_origin(inner) is Annotated:
+            tags += [getattr(m, "tag", None) for m in get_args(inner)[1:]]
+            inner = get_args(inner)[0]
+        if tag is not None and tag in tags:
+            return inner
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            kind = inner.model_fields.get("kind")
+            if inner.__name__ == tag or (kind is not None and tag in get_args(kind.annotation)):
+                return inner
+        if isinstance(tag, str) and get_origin(inner) is list and tag.startswith("list["):
+            return inner
+    return None
+
+
+def _child(tp: Any, part: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(part) if isinstance(part, str) else None
+        return field.annotation if field is not None else None
+    origin = get_origin(tp)
+    if origin is list:
+        return get_args(tp)[0]
+    if origin is dict:
+        return get_args(tp)[1]
+    return None
+
+
+def _fields_of(tp: Any) -> List[str]:
+    """Field names of a config section, for 'did you mean' hints."""
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _join_path(parts: Iterable[Any]) -> str:
+    """('study', 'paths', [2]) -> 'study.paths[2]'; ints from a location are list indexes."""
+    text = ""
+    for part in parts:
+        if isinstance(part, list):
+            text += f"[{part[0]}]"
+        elif isinstance(part, int) and not isinstance(part, bool):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+
+
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """A short, safe repr for messages: never raises, never spans lines."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {_digits(value)} digits"
+    try:
+        text = _REPR.repr(value)
+    except Exception:
+        text = f"<a {type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _fields_at(model: Type[BaseModel], loc: Iterable[Any], error_input: Any) -> List[str]:
-    """Field names of the section at `loc`, for 'did you mean' hints."""
-    from .studies import STUDIES
+def _digits(value: int) -> int:
+    return int(abs(value).bit_length() * math.log10(2)) + 1
 
-    current: Any = model
-    for part in loc:
-        if current is None:
-            return []
-        fields = getattr(current, "model_fields", {})
-        if part not in fields:
-            return []
-        annotation = fields[part].annotation
-        if part == "study":
-            return sorted({f for s in STUDIES.values() for f in s.Config.model_fields})
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return list(getattr(current, "model_fields", {}))
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return f"a {type(value).__name__}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _one_line(text: str) -> str:
+    """Control characters and line breaks escaped: a message is always one printable line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# --------------------------------------------------------------------------- MLflow names
+
+
+def mlflow_name_problem(name: Any) -> Optional[str]:
+    """Why MLflow would refuse `name` as a metric name or param key (completing 'it …'), or None.
+
+    Mirrors `mlflow.utils.validation` (`_validate_metric_name`, `_validate_param_name` and the
+    MAX_ENTITY_KEY_LENGTH check), minus ':' (refused by MLflow on Windows) and a trailing newline.
+    """
+    if not isinstance(name, str):
+        return f"is not a string (it is {_kind(name)})"
+    if not name:
+        return "is empty"
+    if not MLFLOW_KEY_PATTERN.fullmatch(name):
+        bad = "".join(dict.fromkeys(c for c in name if not MLFLOW_KEY_PATTERN.fullmatch(c)))
+        return (f"holds {_short(bad)}; MLflow names may hold only letters, digits, "
+                f"underscores, dashes, periods, spaces and slashes")
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith("..") or norm.startswith("/"):
+        return (f"is not a plain relative path (MLflow stores names as paths, and this one resolves to "
+                f"{_short(norm)}): no leading '/' or '..', no '.' or '..' parts, no '//' and no trailing '/'")
+    if len(name) > MLFLOW_MAX_KEY_LENGTH:
+        return f"is {len(name)} characters long; MLflow allows at most {MLFLOW_MAX_KEY_LENGTH}"
+    return None
+
+
+def logged_metric_names(name: str) -> List[str]:
+    """Every MLflow metric name the MLflow sink may log for a metric called `name`."""
+    from .sinks.mlflow import NONFINITE_SUFFIX
+
+    return [name, name + NONFINITE_SUFFIX, f"batch.{name}.min", f"batch.{name}.mean", f"batch.{name}.max",
+            f"batch.{name}{NONFINITE_SUFFIX}", f"summary.best_{name}"]
+
+
+def _metric_name_problem(name: Any) -> Optional[str]:
+    problem = mlflow_name_problem(name)
+    if problem is not None:
+        return f"it {problem}"
+    for logged in logged_metric_names(name)[1:]:
+        problem = mlflow_name_problem(logged)
+        if problem is not None:
+            return f"sweep also logs it as {_short(logged)}, which {problem}"
+    return None
+
+
+def check_metric_names(names: Iterable[Any]) -> None:
+    """Raise `SweepError` naming the first metric name MLflow would refuse.
+
+    `names` are what the metrics function returns; each must be a valid MLflow metric
+    name, and so must every name the MLflow sink derives from it (`<name>.nonfinite`,
+    `batch.<name>.min|mean|max|nonfinite`, `summary.best_<name>`).
+    """
+    for name in names:
+        problem = _metric_name_problem(name)
+        if problem is not None:
+            raise SweepError(_one_line(
+                f"the metrics function returns the metric {_short(name)}, which MLflow refuses as a metric name: "
+                f"{problem}; rename the metric, or set sinks.mlflow.enabled: false"))
+
+
+def _param_items(mapping: Dict[str, Any], prefix: str = "",
+                 at: Tuple[Any, ...] = ()) -> Iterator[Tuple[str, Tuple[Any, ...], Any]]:
+    """(flattened key, path of keys, value) for every leaf, as `flatten` makes MLflow params."""
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _param_items(value, name + ".", at + (key,))
+        else:
+            yield name, at + (key,), value
 
 
 def flatten(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """{'a': {'b': 1}} → {'a.b': 1}: the config as MLflow params."""
-    flat: Dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+    return {name: value for name, _, value in _param_items(mapping, prefix)}
 
 
 def dump_config(config: SweepConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-__all__: Tuple[str, ...] = ("SweepConfig", "load_config", "parse_config", "apply_override", "flatten", "dump_config")
+__all__: Tuple[str, ...] = ("SweepConfig", "load_config", "parse_config", "apply_override", "flatten", "dump_config",
+                            "check_metric_names", "mlflow_name_problem", "read_yaml")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 
 import sweep
-from sweep.config import SweepConfig, dump_config, flatten, load_config
+from sweep.config import SweepConfig, check_metric_names, dump_config, flatten, load_config
 from sweep.errors import SweepError
 from sweep.results import Tally, failed_rows, results_schema
 from sweep.sinks.mlflow import MlflowSink
@@ -51,7 +51,8 @@ def run_dir_for(config: SweepConfig, out: Path) -> Path:
 
 
 def connect(address: Optional[str] = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one.
+    """Join the cluster at `address` (or $RAY_ADDRESS); else Ray joins a `ray start` cluster
+    on this machine if one runs, or starts a local one.
 
     Ray's token authentication stays as Ray sets it: on for a local cluster,
     and a remote cluster's token is read from RAY_AUTH_TOKEN or ~/.ray/auth_token.
@@ -192,6 +193,8 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
     make_actor = worker_factory(config, weights, study.anchors())
     pool = Pool(make_actor, count, config.workers.max_in_flight)
     metric_names = describe_workers(pool.actors)
+    if config.sinks.mlflow.enabled:
+        check_metric_names(metric_names)  # refused now, not discovered by MLflow mid-sweep
     objective = config.metrics.objective or (metric_names[0] if metric_names else None)
     if objective is not None and objective not in metric_names:
         raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")

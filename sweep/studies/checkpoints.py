@@ -8,6 +8,7 @@ A file that cannot be read or parsed becomes an `invalid` row with the reason.
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, List, Literal, Sequence, Union
@@ -15,7 +16,7 @@ from typing import Any, Iterator, List, Literal, Sequence, Union
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import Section, checks_files, resolve_path
+from ..config import Section, Text, checks_files, glob_matches_a_file, path_kind, resolve_path
 from ..errors import WeightsError
 from ..model import load_weights
 from ..types import Invalid
@@ -28,27 +29,32 @@ class Config(Section):
     """Evaluate every weights file matched by `paths`."""
 
     kind: Literal["checkpoints"]
-    paths: List[str] = Field(min_length=1, description="files or globs, relative to the config file")
+    paths: List[Text] = Field(min_length=1, description="files or globs, relative to the config file")
 
     @field_validator("paths")
     @classmethod
     def _paths(cls, values: List[str], info: ValidationInfo) -> List[str]:
-        resolved = []
-        for value in values:
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"each path must be a non-empty string, got {value!r}")
+        resolved: dict = {}  # path -> its entry
+        for i, value in enumerate(values):
             path = resolve_path(value, info)
             if not checks_files(info):
                 pass
             elif GLOB_CHARS & set(path):
-                if not glob.glob(path, recursive=True):
+                if not glob_matches_a_file(path):
                     raise ValueError(f"pattern matched no files: {path}")
-            elif not Path(path).exists():
-                raise ValueError(f"file not found: {path}")
-            resolved.append(path)
-        if len(set(resolved)) != len(resolved):
-            raise ValueError("the same path is listed twice")
-        return resolved
+            else:
+                kind = path_kind(path)
+                if kind is None:
+                    raise ValueError(f"file not found: {path}")
+                if kind == "folder":
+                    raise ValueError(f"{path} is a folder, not a file (to take the files in it, "
+                                     f"write '{os.path.join(value, '*.safetensors')}')")
+                if kind != "file":
+                    raise ValueError(f"{path} is not a regular file")
+            if path in resolved:
+                raise ValueError(f"the same path is listed twice (entries {resolved[path]} and {i}): {path}")
+            resolved[path] = i
+        return list(resolved)
 
 
 def expand(patterns: Sequence[str]) -> List[str]:

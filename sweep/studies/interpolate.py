@@ -8,15 +8,14 @@ Affine recipe: the endpoints go to each worker once, each batch carries alphas.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Dict, Iterator, List, Literal, Union
+from typing import Annotated, Any, Dict, Iterator, List, Literal, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
-from ..config import Section, checks_files, resolve_path
+from ..config import Float, Int, Section, Text, check_file, checks_files, resolve_path
 from ..errors import ConfigError, WeightsError
 from ..model import read_weights_file
 from ..recipes import AffineRows, AnchorSet, anchor_key
@@ -29,17 +28,29 @@ MAX_ALPHAS = 100_000_000
 class AlphaRange(Section):
     """`num` evenly spaced alphas from `start` to `stop`, both included."""
 
-    start: float = 0.0
-    stop: float = 1.0
-    num: int = Field(ge=1, le=MAX_ALPHAS)
+    start: Float = 0.0
+    stop: Float = 1.0
+    num: Int = Field(ge=1, le=MAX_ALPHAS)
+
+
+def _alphas_form(value: Any) -> str:
+    """A mapping is a range, anything else must be a list: errors then speak of the form that was meant."""
+    return "range" if isinstance(value, (dict, AlphaRange)) else "list"
+
+
+#: A list of finite alphas, or {start, stop, num}.
+Alphas = Annotated[
+    Union[Annotated[AlphaRange, Tag("range")], Annotated[List[Float], Tag("list")]],
+    Discriminator(_alphas_form),
+]
 
 
 class Config(Section):
     """Evaluate the path through `endpoints` at each alpha."""
 
     kind: Literal["interpolate"]
-    endpoints: List[str] = Field(min_length=2, description="weights files along the path, in order")
-    alphas: Union[AlphaRange, List[float]] = Field(description="a list of alphas, or {start, stop, num}")
+    endpoints: List[Text] = Field(min_length=2, description="weights files along the path, in order")
+    alphas: Alphas = Field(description="a list of alphas, or {start, stop, num}")
 
     @field_validator("endpoints")
     @classmethod
@@ -47,20 +58,16 @@ class Config(Section):
         resolved = [resolve_path(v, info) for v in values]
         if checks_files(info):
             for path in resolved:
-                if not Path(path).is_file():
-                    raise ValueError(f"file not found: {path}")
+                check_file(path)
         return resolved
 
     @field_validator("alphas")
     @classmethod
     def _alphas(cls, v: Union[AlphaRange, List[float]]) -> Union[AlphaRange, List[float]]:
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("give at least one alpha")
-            if not all(np.isfinite(a) for a in v):
-                raise ValueError("alphas must be finite numbers")
-        elif not (np.isfinite(v.start) and np.isfinite(v.stop)):
-            raise ValueError("start and stop must be finite numbers")
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one alpha")
+        if isinstance(v, list) and len(v) > MAX_ALPHAS:
+            raise ValueError(f"at most {MAX_ALPHAS} alphas")
         return v
 
 

@@ -7,14 +7,13 @@ candidates on any run. Batches carry only seeds.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, Iterator, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import Section, checks_files, resolve_path
+from ..config import Float, Int, Section, Text, check_file, checks_files, resolve_path
 from ..errors import ConfigError, WeightsError
 from ..model import read_weights_file
 from ..recipes import AnchorSet, NoiseRows, anchor_key
@@ -30,10 +29,10 @@ class Config(Section):
     """Evaluate `count` perturbations base + sigma·N(0, I)."""
 
     kind: Literal["perturb"]
-    base: Optional[str] = Field(None, description="weights file to perturb (default: the model's own weights)")
-    sigma: float = Field(gt=0, description="standard deviation of the noise")
-    count: int = Field(ge=1, le=MAX_COUNT, description="how many perturbations")
-    seed: int = Field(0, ge=0, lt=2**31, description="the sweep's seed")
+    base: Optional[Text] = Field(None, description="weights file to perturb (default: the model's own weights)")
+    sigma: Float = Field(gt=0, description="standard deviation of the noise (a finite number)")
+    count: Int = Field(ge=1, le=MAX_COUNT, description="how many perturbations")
+    seed: Int = Field(0, ge=0, lt=2**31, description="the sweep's seed")
 
     @field_validator("base")
     @classmethod
@@ -41,16 +40,9 @@ class Config(Section):
         if v is None:
             return v
         path = resolve_path(v, info)
-        if checks_files(info) and not Path(path).is_file():
-            raise ValueError(f"file not found: {path}")
+        if checks_files(info):
+            check_file(path)
         return path
-
-    @field_validator("sigma")
-    @classmethod
-    def _sigma(cls, v: float) -> float:
-        if not np.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
 
 
 class Perturb:

@@ -149,7 +149,7 @@ def test_cluster_yaml_installs_torch_then_the_project_with_the_tested_ray():
     for image in images:
         assert image.startswith("rayproject/ray:"), image
         tag = image.split(":", 1)[1]
-        assert tag.startswith(ray.__version__ + "-py311"), f"{image}: the nodes' Ray and Python must be {ray.__version__}, 3.11"
+        assert tag.startswith(ray.__version__ + "-py311"), f"{image}: nodes need Ray {ray.__version__}, Python 3.11"
 
 
 def test_cluster_yaml_mounts_exist_in_the_checkout():
