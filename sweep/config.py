@@ -230,6 +230,16 @@ def check_file(path: str) -> None:
         raise ValueError(f"{path} is not a regular file")
 
 
+
+def resolve_file(value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    """An optional weights file: resolved against the config's folder and, where files are checked, present."""
+    if value is None:
+        return value
+    path = resolve_path(value, info)
+    if checks_files(info):
+        check_file(path)
+    return path
+
 def glob_matches_a_file(pattern: str) -> bool:
     """Whether `pattern` (recursive `**` allowed) matches at least one thing that is not a folder."""
     try:
@@ -252,12 +262,7 @@ class ModelSection(Section):
     @field_validator("weights")
     @classmethod
     def _weights(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
-        if v is None:
-            return v
-        path = resolve_path(v, info)
-        if checks_files(info):
-            check_file(path)
-        return path
+        return resolve_file(v, info)
 
 
 class DataSection(Section):

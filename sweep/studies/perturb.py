@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import Float, Int, Section, Text, check_file, checks_files, resolve_path
+from ..config import Float, Int, Section, Text, check_file, checks_files, resolve_path, resolve_file
 from ..errors import ConfigError, WeightsError
 from ..model import read_weights_file
 from ..recipes import AnchorSet, NoiseRows, anchor_key
@@ -37,12 +37,7 @@ class Config(Section):
     @field_validator("base")
     @classmethod
     def _base(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
-        if v is None:
-            return v
-        path = resolve_path(v, info)
-        if checks_files(info):
-            check_file(path)
-        return path
+        return resolve_file(v, info)
 
 
 class Perturb:

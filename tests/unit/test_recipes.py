@@ -21,32 +21,7 @@ from sweep.recipes import NoiseRows
 # --------------------------------------------------------------------------- helpers
 
 
-def ref_loop(module: torch.nn.Module, candidates: Sequence[Dict[str, torch.Tensor]], data, metrics) -> List[Dict[str, float]]:
-    """An independent reference: eval mode, one functional_call per candidate and batch,
-    metrics averaged over batches weighted by batch size. Buffers not given are the module's."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        own_buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
-        out_rows = []
-        for cand in candidates:
-            tensors = {n: t.detach().clone() for n, t in cand.items()}
-            for n, b in own_buffers.items():
-                tensors.setdefault(n, b.clone())
-            sums: Dict[str, float] = {}
-            total = 0
-            with torch.no_grad():
-                for x, y in data:
-                    n = int(y.shape[0])
-                    out = functional_call(module, tensors, (x,))
-                    for name, value in metrics(out, y).items():
-                        sums[name] = sums.get(name, 0.0) + float(value) * n
-                    total += n
-            out_rows.append({k: v / total for k, v in sums.items()})
-        return out_rows
-    finally:
-        for m, training in modes:
-            m.train(training)
+from conftest import reference_eval as ref_loop  # noqa: E402 - the one independent reference loop
 
 
 def assert_rel(table: pa.Table, want: List[Dict[str, float]], tol: float, names=None) -> None:

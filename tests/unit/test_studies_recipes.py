@@ -28,31 +28,7 @@ from sweep.studies import perturb as pert
 # --------------------------------------------------------------------------- helpers
 
 
-def ref_loop(module: torch.nn.Module, candidates: Sequence[Dict[str, torch.Tensor]], data, metrics) -> List[Dict[str, float]]:
-    """Independent reference: eval mode, one functional_call per candidate and batch, batch-size weighted."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        own_buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
-        rows = []
-        for cand in candidates:
-            tensors = {n: t.detach().clone() for n, t in cand.items()}
-            for n, b in own_buffers.items():
-                tensors.setdefault(n, b.clone())
-            sums: Dict[str, float] = {}
-            total = 0
-            with torch.no_grad():
-                for x, y in data:
-                    n = int(y.shape[0])
-                    out = functional_call(module, tensors, (x,))
-                    for name, value in metrics(out, y).items():
-                        sums[name] = sums.get(name, 0.0) + float(value) * n
-                    total += n
-            rows.append({k: v / total for k, v in sums.items()})
-        return rows
-    finally:
-        for m, training in modes:
-            m.train(training)
+from conftest import reference_eval as ref_loop  # noqa: E402 - the one independent reference loop
 
 
 def check_rel(got: Dict, want: Dict[str, float], tol: float = 1e-5) -> None:
