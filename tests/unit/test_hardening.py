@@ -149,3 +149,12 @@ def test_a_loader_that_raises_midway_surfaces_its_error():
 
     with pytest.raises(OSError, match="disk went away"):
         sweep.evaluate(torch.nn.Linear(4, 1), [], loader(), metrics)
+
+
+def test_a_quantized_tensor_where_a_dense_one_is_expected_is_invalid():
+    module = torch.nn.Linear(4, 1)
+    weight = torch.quantize_per_tensor(torch.randn(1, 4), scale=0.1, zero_point=0, dtype=torch.qint8)
+    rows = sweep.evaluate(module, [{"weight": weight, "bias": torch.zeros(1)},
+                                   {"weight": torch.ones(1, 4), "bias": torch.zeros(1)}], data(), metrics).to_pylist()
+    assert rows[0]["status"] == "invalid" and "'weight'" in rows[0]["error"] and "quantized" in rows[0]["error"]
+    assert rows[1]["status"] == "ok"
