@@ -88,6 +88,38 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+def edited_quickstart(repo: Path, changes: dict, sep: str = ".") -> dict:
+    """configs/quickstart.yaml as a dict, its globs made absolute, with `changes` (dotted keys) applied."""
+    import yaml
+
+    raw = yaml.safe_load((repo / "configs/quickstart.yaml").read_text())
+    raw["study"]["paths"] = [str(repo / "sweep/examples/checkpoints/*.safetensors")]
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split(sep)
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return raw
+
+
+def digits_reference(module, params, data) -> dict:
+    """The digits metrics of one candidate by a plain functional_call loop, weighted by batch size."""
+    import torch
+    from torch.func import functional_call
+
+    from sweep.examples import digits
+
+    total, n = {"loss": 0.0, "accuracy": 0.0}, 0
+    with torch.no_grad():
+        for x, y in data:
+            m = digits.metrics(functional_call(module, params, (x,)), y)
+            for k in total:
+                total[k] += float(m[k]) * len(y)
+            n += len(y)
+    return {k: v / n for k, v in total.items()}
+
+
 def sweep_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
     """Run the installed `sweep` command as a user would."""
     full_env = {**os.environ, **(env or {})}

@@ -5,20 +5,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.conftest import sweep_cli
+from tests.conftest import edited_quickstart, sweep_cli
 
 pytestmark = pytest.mark.integration
 
 
 def write_config(repo, tmp_path, **changes):
-    config = yaml.safe_load((repo / "configs/quickstart.yaml").read_text())
-    config["study"]["paths"] = [str(repo / "sweep/examples/checkpoints/*.safetensors")]
-    for dotted, value in changes.items():
-        node = config
-        *parents, last = dotted.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+    config = edited_quickstart(repo, changes, sep="__")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -8,21 +8,14 @@ import yaml
 
 from sweep.config import parse_config
 from sweep.errors import SweepError
+from tests.conftest import edited_quickstart
 from workers.driver import run
 
 pytestmark = pytest.mark.integration
 
 
 def config_for(repo, **changes):
-    raw = yaml.safe_load((repo / "configs/quickstart.yaml").read_text())
-    raw["study"]["paths"] = [str(repo / "sweep/examples/checkpoints/*.safetensors")]
-    for dotted, value in changes.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return parse_config(raw, base_dir=repo)
+    return parse_config(edited_quickstart(repo, changes), base_dir=repo)
 
 
 def test_run_logs_to_a_real_mlflow_server(repo, tmp_path, ray_cluster, mlflow_server):

@@ -12,15 +12,13 @@ import torch
 import sweep
 from sweep.examples import digits
 from sweep.model import read_weights_file
-from tests.conftest import sweep_cli
+from tests.conftest import digits_reference, sweep_cli
 
 pytestmark = pytest.mark.integration
 
 
 def reference_rows(repo: Path):
     """The quickstart's candidates evaluated independently: a plain functional_call loop."""
-    from torch.func import functional_call
-
     module = digits.make_model()
     data = digits.eval_batches(batch_size=250)
     rows = {}
@@ -31,15 +29,7 @@ def reference_rows(repo: Path):
             continue
         if any(params[k].shape != v.shape for k, v in module.state_dict().items()):
             continue
-        total = {"loss": 0.0, "accuracy": 0.0}
-        n = 0
-        with torch.no_grad():
-            for x, y in data:
-                m = digits.metrics(functional_call(module, params, (x,)), y)
-                for k in total:
-                    total[k] += float(m[k]) * len(y)
-                n += len(y)
-        rows[Path(path).name] = {k: v / n for k, v in total.items()}
+        rows[Path(path).name] = digits_reference(module, params, data)
     return rows
 
 

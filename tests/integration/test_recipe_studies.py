@@ -16,7 +16,7 @@ from sweep.config import parse_config
 from sweep.examples import digits
 from sweep.model import read_weights_file
 from sweep.studies import plan
-from tests.conftest import sweep_cli
+from tests.conftest import digits_reference, sweep_cli
 from workers.driver import run
 
 pytestmark = pytest.mark.integration
@@ -33,17 +33,6 @@ def load(repo, file, **changes):
     return parse_config(raw, base_dir=repo / "configs")
 
 
-def reference(module, params, data):
-    total, n = {"loss": 0.0, "accuracy": 0.0}, 0
-    with torch.no_grad():
-        for x, y in data:
-            m = digits.metrics(functional_call(module, params, (x,)), y)
-            for k in total:
-                total[k] += float(m[k]) * len(y)
-            n += len(y)
-    return {k: v / n for k, v in total.items()}
-
-
 def test_interpolate_on_workers_matches_a_hand_built_path(repo, tmp_path, ray_cluster):
     config = load(repo, "interpolate.yaml", **{"sinks.mlflow.enabled": False, "workers.batch_size": 16})
     result = run(config, tmp_path, progress=False)
@@ -56,7 +45,7 @@ def test_interpolate_on_workers_matches_a_hand_built_path(repo, tmp_path, ray_cl
     data = digits.eval_batches()
     for row in table.to_pylist()[::10]:
         alpha = row["alpha"]
-        expected = reference(module, {k: a[k] + alpha * (b[k] - a[k]) for k in a}, data)
+        expected = digits_reference(module, {k: a[k] + alpha * (b[k] - a[k]) for k in a}, data)
         assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5)
         assert row["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
     assert np.allclose(table.column("alpha").to_numpy(), np.linspace(-0.25, 1.25, 61))
@@ -85,7 +74,7 @@ def test_perturb_on_workers_is_reproducible_and_exactly_once(repo, tmp_path, ray
     eps = torch.randn(sum(sizes), generator=gen)
     params = {n: base[n] + config.study.sigma * e.reshape(base[n].shape)
               for n, e in zip(names, torch.split(eps, sizes))}
-    expected = reference(module, params, digits.eval_batches())
+    expected = digits_reference(module, params, digits.eval_batches())
     assert t1.column("loss")[7].as_py() == pytest.approx(expected["loss"], rel=1e-5)
 
 
