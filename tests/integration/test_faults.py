@@ -4,6 +4,7 @@ of a fault-free run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -134,12 +135,25 @@ def uninterrupted(repo, tmp_path_factory):
 def test_a_killed_driver_resumes_exactly_once(repo, tmp_path, files_before_kill, uninterrupted):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # MLflow's SQLite store is not crash-safe while it creates its tables: create them
+    # first, and kill only once the run exists, so the resume has a run to reopen.
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()
     out = tmp_path / "out"
     results = out / "runs" / "perturb-million" / "results"
+    record = out / "runs" / "perturb-million" / "run.json"
+
+    def mlflow_run_started() -> bool:
+        try:
+            return bool(json.loads(record.read_text()).get("mlflow_run_id"))
+        except (OSError, ValueError):
+            return False
+
     proc = start_sweep(repo, out, env)
     try:
         deadline = time.monotonic() + 180
-        while len(list(results.glob("part-*.parquet"))) < files_before_kill:
+        while len(list(results.glob("part-*.parquet"))) < files_before_kill or not mlflow_run_started():
             assert proc.poll() is None, "the sweep ended before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -168,8 +182,6 @@ def test_a_killed_driver_resumes_exactly_once(repo, tmp_path, files_before_kill,
     assert np.allclose(table.column("mse").to_numpy(), uninterrupted.column("mse").to_numpy(), rtol=1e-6, atol=0)
 
     # One MLflow run, reopened by the resume and finished once.
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("perturb-million").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
