@@ -261,7 +261,7 @@ class Noise(Recipe):
         if seeds.ndim != 1 or (seeds.size and not np.issubdtype(seeds.dtype, np.integer)):
             raise ValueError(f"seeds must be a 1-D sequence of integers, got shape {seeds.shape} {seeds.dtype}")
         if seeds.size and (seeds.min() < 0 or seeds.max() > MAX_SEED):
-            raise ValueError(f"seeds must lie in [0, 2**63 − 1]")
+            raise ValueError("seeds must lie in [0, 2**63 − 1]")
         self.seeds = seeds.astype(np.int64)
 
     def anchors(self) -> AnchorSet:

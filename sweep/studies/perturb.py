@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import Float, Int, Section, Text, check_file, checks_files, resolve_path, resolve_file
+from ..config import Float, Int, Section, Text, resolve_file
 from ..errors import ConfigError, WeightsError
 from ..model import read_weights_file
 from ..recipes import AnchorSet, NoiseRows, anchor_key

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pyarrow.dataset as ds
 import pytest
-import yaml
 
 from sweep.config import parse_config
 from sweep.errors import SweepError

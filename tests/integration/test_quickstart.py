@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-import torch
 
 import sweep
 from sweep.examples import digits

@@ -10,7 +10,6 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 import yaml
-from torch.func import functional_call
 
 from sweep.config import parse_config
 from sweep.examples import digits

@@ -11,7 +11,6 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -23,7 +22,7 @@ from sweep.config import parse_config
 from sweep.results import results_schema
 from sweep.sinks.mlflow import NONFINITE_SUFFIX, MlflowSink
 from sweep.sinks.parquet import ParquetSink, read_results
-from tests.conftest import BIN, MlflowServer, free_port, sweep_cli
+from tests.conftest import BIN, MlflowServer, free_port
 from workers.driver import run
 
 pytestmark = pytest.mark.integration

@@ -5,14 +5,12 @@ all checked against an independent per-candidate functional_call loop."""
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Sequence
+from typing import Dict
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 import sweep
 from sweep.evaluate import Evaluator

@@ -4,14 +4,13 @@ independent per-candidate `functional_call` loop whose candidate dicts are built
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import sweep
 from sweep.evaluate import Evaluator
