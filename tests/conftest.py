@@ -94,6 +94,11 @@ def edited_quickstart(repo: Path, changes: dict, sep: str = ".") -> dict:
 
     raw = yaml.safe_load((repo / "configs/quickstart.yaml").read_text())
     raw["study"]["paths"] = [str(repo / "sweep/examples/checkpoints/*.safetensors")]
+    return with_changes(raw, changes, sep)
+
+
+def with_changes(raw: dict, changes: dict, sep: str = ".") -> dict:
+    """`raw` with each `a.b.c` (or `a__b__c`) key of `changes` set, creating sections as needed."""
     for dotted, value in changes.items():
         node = raw
         *parents, last = dotted.split(sep)

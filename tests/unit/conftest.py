@@ -46,6 +46,22 @@ def reference_eval(
             m.train(training)
 
 
+def noise_by_hand(module: torch.nn.Module, base: Dict[str, torch.Tensor], sigma: float,
+                  seed: int) -> Dict[str, torch.Tensor]:
+    """base + sigma·ε, ε one flat randn over the floating parameters in named_parameters() order."""
+    named = dict(module.named_parameters())
+    names = [n for n, p in named.items() if p.is_floating_point()]
+    g = torch.Generator().manual_seed(int(seed))
+    eps = torch.randn(sum(named[n].numel() for n in names), generator=g)
+    cand = {k: v.clone() for k, v in base.items()}
+    offset = 0
+    for n in names:
+        size = named[n].numel()
+        cand[n] = base[n] + sigma * eps[offset: offset + size].reshape(named[n].shape)
+        offset += size
+    return cand
+
+
 def snapshot(module: torch.nn.Module) -> Dict[str, Any]:
     return {
         "state": {k: v.detach().clone() for k, v in module.state_dict().items()},

@@ -21,6 +21,8 @@ from sweep import ConfigError, SweepError
 from sweep.config import (MLFLOW_MAX_EXPERIMENT_NAME_LENGTH, MLFLOW_MAX_KEY_LENGTH, check_metric_names, flatten,
                           load_config, logged_metric_names, mlflow_name_problem, parse_config)
 
+from tests.conftest import with_changes  # noqa: E402
+
 REPO = Path(sweep.__file__).resolve().parent.parent
 CHECKPOINTS = REPO / "sweep" / "examples" / "checkpoints"
 
@@ -64,14 +66,7 @@ def mlflow_takes_metric(name: str) -> bool:
 
 
 def config(**changes):
-    raw = copy.deepcopy(BASE)
-    for dotted, value in changes.items():
-        node = raw
-        *parents, last = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return raw
+    return with_changes(copy.deepcopy(BASE), changes, sep="__")
 
 
 def test_limits_are_mlflows():

@@ -20,7 +20,7 @@ from sweep.recipes import NoiseRows
 # --------------------------------------------------------------------------- helpers
 
 
-from conftest import reference_eval as ref_loop  # noqa: E402 - the one independent reference loop
+from conftest import noise_by_hand, reference_eval as ref_loop  # noqa: E402 - the one independent reference loop
 
 
 def assert_rel(table: pa.Table, want: List[Dict[str, float]], tol: float, names=None) -> None:
@@ -66,21 +66,6 @@ def affine_by_hand(base, directions, coeffs) -> List[Dict[str, torch.Tensor]]:
             cand[n] = value
         out.append(cand)
     return out
-
-
-def noise_by_hand(module: torch.nn.Module, base: Dict[str, torch.Tensor], sigma: float, seed: int) -> Dict[str, torch.Tensor]:
-    """base + sigma·ε, ε one flat randn over the floating parameters in named_parameters() order."""
-    names = [n for n, p in module.named_parameters() if p.is_floating_point()]
-    total = sum(dict(module.named_parameters())[n].numel() for n in names)
-    g = torch.Generator().manual_seed(int(seed))
-    eps = torch.randn(total, generator=g)
-    cand = {n: t.clone() for n, t in base.items()}
-    offset = 0
-    for n in names:
-        p = dict(module.named_parameters())[n]
-        cand[n] = base[n] + sigma * eps[offset: offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return cand
 
 
 def mlp_data(sizes=(5, 2, 9), seed=10):

@@ -27,7 +27,7 @@ from sweep.studies import perturb as pert
 # --------------------------------------------------------------------------- helpers
 
 
-from conftest import reference_eval as ref_loop  # noqa: E402 - the one independent reference loop
+from conftest import noise_by_hand, reference_eval as ref_loop  # noqa: E402 - the one independent reference loop
 
 
 def check_rel(got: Dict, want: Dict[str, float], tol: float = 1e-5) -> None:
@@ -44,20 +44,6 @@ def theta(endpoints: List[Dict[str, torch.Tensor]], alpha: float) -> Dict[str, t
     t = alpha - j
     a, b = endpoints[j], endpoints[j + 1]
     return {k: (a[k] + t * (b[k] - a[k])) if a[k].is_floating_point() else endpoints[0][k].clone() for k in a}
-
-
-def noise_by_hand(module, base, sigma, seed):
-    named = dict(module.named_parameters())
-    names = [n for n, p in module.named_parameters() if p.is_floating_point()]
-    g = torch.Generator().manual_seed(int(seed))
-    eps = torch.randn(sum(named[n].numel() for n in names), generator=g)
-    cand = {k: v.clone() for k, v in base.items()}
-    offset = 0
-    for n in names:
-        p = named[n]
-        cand[n] = base[n] + sigma * eps[offset: offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return cand
 
 
 def reg_data(sizes=(5, 2, 9), seed=10):
