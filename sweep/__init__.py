@@ -5,7 +5,7 @@ The public API lives here; everything else is reachable but private.
 
 from .errors import ConfigError, SweepError, WeightsError
 from .evaluate import evaluate
-from .recipes import Affine, Noise, Recipe
+from .recipes import Affine, Merge, Noise, Recipe, Slerp
 from .types import FAILED, INVALID, OK, Invalid
 from .validate import check_candidate
 
@@ -13,6 +13,8 @@ __all__ = [
     "evaluate",
     "Affine",
     "Noise",
+    "Slerp",
+    "Merge",
     "Recipe",
     "check_candidate",
     "Invalid",

@@ -120,9 +120,11 @@ def _show(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .studies import plan
+    from .studies.base import StudyContext
 
     config = load_config(args.config, args.overrides)
-    print(f"{args.config}: ok — study '{config.study.kind}' with {len(plan(config.study))} candidates")
+    study = plan(config.study, StudyContext.from_config(config))
+    print(f"{args.config}: ok — study '{config.study.kind}' with {len(study)} candidates")
     return EXIT_OK
 
 
@@ -156,6 +158,8 @@ def _report(result, config) -> int:
     if objective is not None:
         line += f"; best {objective} {s['best_' + objective]:.6g} (candidate {s['best_candidate_id']})"
     print(line)
+    for key, value in result.findings.items():
+        print(f"  {key}: {value:.6g}")
     if s.get("worker_replacements") or s.get("batch_retries"):
         print(f"  {s['worker_replacements']} workers replaced, {s['batch_retries']} batches re-run")
     for p in result.problems:

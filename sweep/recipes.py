@@ -66,10 +66,27 @@ class Prepared:
         # every materialised value, so most chunks need no full finite check.
         self.absmax = {name: _absmax(t) for name, t in flats.items()}
         self._scratch: Optional[torch.Tensor] = None
+        #: what a kind of rows derives from the anchors once (SLERP angles, TIES merges), by its own keys
+        self.cache: Dict[Any, torch.Tensor] = {}
 
     def release(self) -> None:
-        """Drop the scratch buffer (after running out of memory with it)."""
+        """Drop the scratch buffer and derived tensors (after running out of memory with them)."""
         self._scratch = None
+        self.cache.clear()
+
+    def segment_sizes(self) -> torch.Tensor:
+        """The number of values of each batched tensor, on the anchors' device (for repeat_interleave)."""
+        if "sizes" not in self.cache:
+            self.cache["sizes"] = torch.tensor(self.sizes, dtype=torch.long, device=self.flats["base"].device)
+        return self.cache["sizes"]
+
+    def per_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """[k, T] values, one per batched tensor → [k, P], each repeated over its tensor's values."""
+        return torch.repeat_interleave(values, self.segment_sizes(), dim=1)
+
+    def point(self, j: int) -> torch.Tensor:
+        """[P]: the base (j = 0) or direction j − 1, for recipes whose anchors are points, not differences."""
+        return self.flats["base"] if j == 0 else self.flats["directions"][j - 1]
 
     def scratch(self, k: int) -> torch.Tensor:
         """A reused [k, P] float32 buffer for one chunk: no fresh allocation (and page faults) per chunk."""
@@ -186,6 +203,202 @@ class NoiseRows(Rows):
         return out.mul_(self.sigma).add_(base)
 
 
+#: Above this |cos| between two tensors SLERP falls back to linear interpolation (mergekit's threshold).
+SLERP_DOT_THRESHOLD = 0.9995
+
+
+def slerp_angles(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per tensor: the angle between a's and b's values ([T] float64), and where SLERP is linear ([T] bool)."""
+    omegas, linear = [], []
+    for pa_, pb_ in zip(torch.split(a.double(), list(sizes)), torch.split(b.double(), list(sizes))):
+        na, nb = pa_.norm(), pb_.norm()
+        if na == 0 or nb == 0:
+            omegas.append(torch.zeros((), dtype=torch.float64, device=a.device))
+            linear.append(True)
+            continue
+        cos = torch.clamp(torch.dot(pa_, pb_) / (na * nb), -1.0, 1.0)
+        omegas.append(torch.arccos(cos))
+        linear.append(bool(cos.abs() > SLERP_DOT_THRESHOLD))
+    return torch.stack(omegas), torch.tensor(linear, device=a.device)
+
+
+def slerp_weights(t: torch.Tensor, omega: torch.Tensor, linear: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[k] positions, [T] angles → the weights of the start and the end point, each [k, T] (float64).
+
+    sin((1 − t)Ω)/sin Ω and sin(tΩ)/sin Ω, or 1 − t and t where the two
+    tensors are (nearly) parallel. t outside [0, 1] follows the same arc on.
+    """
+    t = t.double()[:, None]
+    sin = torch.sin(omega)[None, :]
+    safe = torch.where(linear[None, :], torch.ones_like(sin), sin)
+    s0 = torch.where(linear[None, :], 1.0 - t, torch.sin((1.0 - t) * omega[None, :]) / safe)
+    s1 = torch.where(linear[None, :], t, torch.sin(t * omega[None, :]) / safe)
+    return s0, s1
+
+
+@dataclass
+class SlerpRows(Rows):
+    """Spherical interpolation along a path of points: row k lies at `t[k]` on segment `segments[k]`.
+
+    The anchors are the points themselves: `base` is point 0 and
+    `direction_{j}` is point j + 1. Each tensor of the model moves along its
+    own great circle (the per-tensor SLERP of model merging tools).
+    """
+
+    segments: np.ndarray  # [k] int64
+    t: np.ndarray  # [k] float64
+    extra: Optional[Dict[str, np.ndarray]] = None
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def slice(self, start: int, stop: int) -> "SlerpRows":
+        extra = {k: v[start:stop] for k, v in self.extra.items()} if self.extra is not None else None
+        return SlerpRows(self.segments[start:stop], self.t[start:stop], extra)
+
+    def columns(self) -> Dict[str, pa.Array]:
+        if self.extra is not None:
+            return {name: pa.array(values) for name, values in self.extra.items()}
+        return {"t": pa.array(self.t, pa.float64())}
+
+    def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        base = prepared.flats["base"]
+        if out is None:
+            out = torch.empty((len(self), base.numel()), dtype=torch.float32, device=device)
+        for j in np.unique(self.segments).tolist():
+            key = ("slerp", j)
+            if key not in prepared.cache:
+                prepared.cache[key] = slerp_angles(prepared.point(j), prepared.point(j + 1), prepared.sizes)
+            omega, linear = prepared.cache[key]
+            rows = np.flatnonzero(self.segments == j)
+            s0, s1 = slerp_weights(torch.tensor(self.t[rows], device=device), omega, linear)
+            part = prepared.per_tensor(s0.float()) * prepared.point(j)
+            part.addcmul_(prepared.per_tensor(s1.float()), prepared.point(j + 1))
+            if len(rows) == len(self):
+                out.copy_(part)
+            else:
+                out[torch.as_tensor(rows, device=device)] = part
+        return out
+
+
+MERGE_METHODS = ("ties", "dare", "dare_ties")
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim: each row of [N, P] keeps its `density` fraction of largest magnitudes (ties at the cut kept)."""
+    p = tau.shape[1]
+    keep = int(density * p)
+    if keep >= p:
+        return tau.clone()
+    if keep <= 0:
+        return torch.zeros_like(tau)
+    magnitude = tau.abs()
+    cut = magnitude.kthvalue(p - keep + 1, dim=1, keepdim=True).values
+    return torch.where(magnitude >= cut, tau, torch.zeros_like(tau))
+
+
+def elect_and_merge(tau: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election and disjoint mean of [N, P] task vectors → [P].
+
+    Each parameter's sign is that of the sum of the task vectors (a zero sum
+    takes the sign of the whole sum); the merged value is the mean of the
+    entries that agree with it, zeros not counted.
+    """
+    sign = torch.sign(tau.sum(dim=0))
+    majority = torch.sign(sign.sum())
+    sign = torch.where(sign == 0, majority, sign)
+    agree = torch.where(sign > 0, tau > 0, tau < 0)
+    selected = tau * agree
+    counts = agree.sum(dim=0).clamp(min=1)
+    return selected.sum(dim=0) / counts
+
+
+def dare(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: each entry of [N, P] kept with probability `density` and the kept ones rescaled by 1/density."""
+    keep = torch.rand(tau.shape, generator=generator, device=tau.device) < density
+    return torch.where(keep, tau / density, torch.zeros_like(tau))
+
+
+@dataclass
+class MergeRows(Rows):
+    """Merges of N task vectors into one base, one method per batch of rows.
+
+    The anchors are the base and `direction_i` = model_i − base (task vector i).
+    - `ties`: base + λ · disjoint mean of the sign-elected, trimmed task vectors.
+    - `dare`: base + Σ_i λ_i · DARE(τ_i) (λ_i = λ unless `lambdas` is [k, N]).
+    - `dare_ties`: base + λ · disjoint mean of the sign-elected DARE'd task vectors.
+    DARE's masks come from a generator seeded with the row's seed, on the device.
+    """
+
+    method: str
+    lambdas: np.ndarray  # [k] float64, or [k, N] per model (dare only)
+    densities: np.ndarray  # [k] float64 in (0, 1]
+    seeds: np.ndarray  # [k] int64
+    extra: Optional[Dict[str, np.ndarray]] = None
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGE_METHODS:
+            raise ValueError(f"merge method must be one of {MERGE_METHODS}, got {self.method!r}")
+        if self.lambdas.ndim == 2 and self.method != "dare":
+            raise ValueError(f"{self.method} scales the merged vector by one λ; per-model λ is for dare")
+
+    def __len__(self) -> int:
+        return int(self.densities.shape[0])
+
+    def slice(self, start: int, stop: int) -> "MergeRows":
+        extra = {k: v[start:stop] for k, v in self.extra.items()} if self.extra is not None else None
+        return MergeRows(self.method, self.lambdas[start:stop], self.densities[start:stop], self.seeds[start:stop],
+                         extra)
+
+    def columns(self) -> Dict[str, pa.Array]:
+        if self.extra is not None:
+            return {name: pa.array(values) for name, values in self.extra.items()}
+        out = {"density": pa.array(self.densities, pa.float64()), "seed": pa.array(self.seeds, pa.int64())}
+        if self.lambdas.ndim == 2:
+            out.update({f"lambda_{i}": pa.array(self.lambdas[:, i], pa.float64()) for i in range(self.lambdas.shape[1])})
+        else:
+            out["lambda"] = pa.array(self.lambdas, pa.float64())
+        return out
+
+    def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        base = prepared.flats["base"]
+        tau = prepared.flats["directions"]
+        if out is None:
+            out = torch.empty((len(self), base.numel()), dtype=torch.float32, device=device)
+        generator = torch.Generator(device=device)
+        for i in range(len(self)):
+            density = float(self.densities[i])
+            if self.method == "ties":
+                key = ("ties", density)
+                if key not in prepared.cache:
+                    prepared.cache[key] = elect_and_merge(trim(tau, density))
+                torch.add(base, prepared.cache[key], alpha=float(self.lambdas[i]), out=out[i])
+                continue
+            generator.manual_seed(int(self.seeds[i]))
+            dropped = dare(tau, density, generator)
+            if self.method == "dare_ties":
+                torch.add(base, elect_and_merge(dropped), alpha=float(self.lambdas[i]), out=out[i])
+                continue
+            weights = torch.tensor(np.broadcast_to(self.lambdas[i], (tau.shape[0],)), dtype=torch.float32,
+                                   device=device)
+            torch.addmv(base, dropped.T, weights, out=out[i])
+        return out
+
+    def bound(self, prepared: Prepared, device: torch.device) -> Optional[torch.Tensor]:
+        # A disjoint mean is no larger than its largest entry; DARE scales entries by 1/density.
+        largest = prepared.absmax["directions"].to(torch.float64)
+        scale = torch.tensor(1.0 / self.densities if self.method != "ties" else np.ones(len(self)),
+                             dtype=torch.float64, device=device)
+        lambdas = torch.tensor(np.abs(self.lambdas), dtype=torch.float64, device=device)
+        if self.method == "dare":
+            spread = (lambdas if lambdas.ndim == 2 else lambdas[:, None]) * largest[None, :]
+            total = spread.sum(dim=1)
+        else:
+            total = lambdas * largest.max()
+        bound = prepared.absmax["base"].to(torch.float64) + total * scale
+        return torch.nan_to_num(bound, nan=float("inf"))
+
+
 class Recipe:
     """K candidates described by anchors and rows."""
 
@@ -269,6 +482,65 @@ class Noise(Recipe):
 
     def rows(self) -> NoiseRows:
         return NoiseRows(self.seeds, self.sigma)
+
+
+class Slerp(Recipe):
+    """Candidate k is the per-tensor spherical interpolation from `start` to `end` at `t[k]`.
+
+    Each floating tensor moves along the great circle through its two values
+    (linearly where they are nearly parallel); t outside [0, 1] continues the
+    arc. The column is `name` (default `t`).
+    """
+
+    def __init__(self, start: ParamDict, end: ParamDict, t: Any, name: str = "t"):
+        self.start = _as_dict(start, "start")
+        self.end = _as_dict(end, "end")
+        self.t = np.asarray(t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else t, np.float64)
+        if self.t.ndim != 1:
+            raise ValueError(f"t must be 1-D, got shape {self.t.shape}")
+        self.name = name
+
+    def anchors(self) -> AnchorSet:
+        return {"base": self.start, "direction_0": self.end}
+
+    def rows(self) -> SlerpRows:
+        return SlerpRows(np.zeros(len(self.t), np.int64), self.t, {self.name: self.t})
+
+
+class Merge(Recipe):
+    """Candidate k merges `models` (fine-tuned from `base`) by `method`: ties, dare or dare_ties.
+
+    `lambdas[k]` scales the merge (dare also takes [K, N], one λ per model),
+    `densities[k]` is the fraction kept (TIES: largest magnitudes; DARE: the
+    keep probability), `seeds[k]` seeds DARE's masks. Columns are `lambda`
+    (or `lambda_0 …`), `density` and `seed`.
+    """
+
+    def __init__(self, base: ParamDict, models: Sequence[ParamDict], method: str, lambdas: Any, densities: Any,
+                 seeds: Any = None):
+        self.base = _as_dict(base, "base")
+        models = [_as_dict(m, f"models[{i}]") for i, m in enumerate(models)]
+        if not models:
+            raise ValueError("Merge needs at least one model")
+        self.directions = [{k: m[k] - self.base[k] for k in m if k in self.base and m[k].is_floating_point()}
+                           for m in models]
+        lambdas = np.asarray(lambdas, np.float64)
+        densities = np.asarray(densities, np.float64)
+        if densities.ndim != 1 or lambdas.shape[0] != densities.shape[0]:
+            raise ValueError("lambdas and densities must give one value (or one row) per candidate")
+        if ((densities <= 0) | (densities > 1)).any():
+            raise ValueError("densities must lie in (0, 1]")
+        seeds = np.zeros(len(densities), np.int64) if seeds is None else np.asarray(seeds, np.int64)
+        self._rows = MergeRows(method, lambdas, densities, seeds)
+
+    def anchors(self) -> AnchorSet:
+        out = {"base": self.base}
+        for i, d in enumerate(self.directions):
+            out[f"direction_{i}"] = d
+        return out
+
+    def rows(self) -> MergeRows:
+        return self._rows
 
 
 def is_recipe(value: Any) -> bool:

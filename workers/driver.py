@@ -25,6 +25,7 @@ from sweep.results import Tally, failed_rows, results_schema
 from sweep.sinks.mlflow import MlflowSink
 from sweep.sinks.parquet import ParquetSink, clear, dataset, has_results
 from sweep.studies import plan
+from sweep.studies.base import StudyContext
 
 from .actor import RemoteEvalWorker
 from .pool import Pool
@@ -44,6 +45,8 @@ class RunResult:
     problems: List[Dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: Optional[str] = None
     warnings: List[str] = field(default_factory=list)
+    #: what the study found over all rows (a path's barrier, the greedy soup's value)
+    findings: Dict[str, float] = field(default_factory=dict)
 
 
 def run_dir_for(config: SweepConfig, out: Path) -> Path:
@@ -170,14 +173,15 @@ def config_differences(saved: SweepConfig, wanted: SweepConfig) -> List[str]:
             if not key.startswith("workers.") and a.get(key) != b.get(key)]
 
 
-def _done_ids(results: str, tally: Tally) -> frozenset:
-    """The candidate ids already in the results (and their rows counted into `tally`)."""
+def _done_ids(results: str, tally: Tally, study: Any) -> frozenset:
+    """The candidate ids already in the results (their rows counted into `tally` and shown to the study)."""
     if not has_results(results):
         return frozenset()
     done = set()
     for batch in dataset(results).to_batches():
         table = pa.Table.from_batches([batch])
         tally.update(table)
+        study.observe(table)
         done.update(table.column("candidate_id").to_pylist())
     return frozenset(done)
 
@@ -185,7 +189,7 @@ def _done_ids(results: str, tally: Tally) -> frozenset:
 def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optional[str], progress: Optional[bool],
            on_batch: Optional[Callable[[int, int], None]], resumed: bool = False,
            mlflow_run_id: Optional[str] = None) -> RunResult:
-    study = plan(config.study)
+    study = plan(config.study, StudyContext.from_config(config, run_dir))
     weights = Path(config.model.weights).read_bytes() if config.model.weights else None
 
     connect(address)
@@ -199,8 +203,9 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
     if objective is not None and objective not in metric_names:
         raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
 
+    study.bind(objective, config.metrics.mode, metric_names)
     tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
-    done = _done_ids(results, tally) if resumed else frozenset()
+    done = _done_ids(results, tally, study) if resumed else frozenset()
     schema = results_schema(study.columns, metric_names)
     sinks = open_sinks(config, schema, metric_names, results, run_dir, len(study), count, mlflow_run_id)
     batch_size = study.default_batch_size if config.workers.batch_size == "auto" else config.workers.batch_size
@@ -212,12 +217,15 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
                 for sink in sinks:
                     sink.write(table)
                 tally.update(table)
+                study.observe(table)
                 reporter.advance(table.num_rows)
                 if on_batch is not None:
                     on_batch(tally.done, len(study))
         completed = True
     finally:
         summary = tally.summary()
+        findings = study.summarise() if completed else {}
+        summary.update(findings)
         summary["completed"] = completed
         summary["workers"] = count
         summary["worker_replacements"] = pool.replacements
@@ -227,6 +235,8 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
         for actor in pool.actors:
             ray.kill(actor)
 
+    if findings:
+        write_run_record(run_dir, findings=findings)
     mlflow_sink = next((s for s in sinks if isinstance(s, MlflowSink)), None)
     warnings: List[str] = []
     if mlflow_sink is not None:
@@ -240,6 +250,7 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
         problems=tally.problems,
         mlflow_run_id=mlflow_sink.run_id if mlflow_sink else None,
         warnings=warnings,
+        findings=findings,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from sweep.studies.base import CandidateBatch
+from sweep.studies.base import CandidateBatch, Wait
 
 log = logging.getLogger("sweep")
 
@@ -54,6 +54,7 @@ class Pool:
         self.max_replacements = max_replacements if max_replacements is not None else 4 * count + 2 * max_attempts
         self.replacements = 0
         self.retries = 0
+        self._waiting = False
 
     @property
     def actors(self) -> List[Any]:
@@ -64,16 +65,26 @@ class Pool:
         batches: Iterable[CandidateBatch],
         on_failure: Callable[[CandidateBatch, str], Any],
     ) -> Iterator[Tuple[CandidateBatch, Any]]:
-        """Yield `(batch, table)` as batches finish; `on_failure(batch, error)` makes the table of a lost batch."""
+        """Yield `(batch, table)` as batches finish; `on_failure(batch, error)` makes the table of a lost batch.
+
+        A `Wait` among the batches holds back the ones after it until every
+        batch before it has been yielded (an adaptive study's next round
+        depends on them).
+        """
         source = iter(batches)
         retry: Deque[_Task] = deque()
         pending: Dict[Any, Tuple[int, int, _Task]] = {}
         exhausted = False
+        self._waiting = False
         while True:
+            if self._waiting and not pending and not retry:
+                self._waiting = False
             exhausted = self._fill(source, retry, pending, exhausted)
             if not pending:
                 if retry:
                     raise RuntimeError("batches are waiting but no worker can take them")
+                if self._waiting:
+                    continue
                 return
             ready, _ = ray.wait(list(pending), num_returns=1)
             index, generation, task = pending.pop(ready[0])
@@ -118,12 +129,17 @@ class Pool:
                 continue
             if exhausted:
                 return True
+            if self._waiting:
+                return False
             index = self._open_slot()
             if index is None:
                 return False
             batch = next(source, None)
             if batch is None:
                 return True
+            if isinstance(batch, Wait):
+                self._waiting = True
+                continue
             self._submit(index, _Task(batch), pending, exclusive=False)
 
     def _submit(self, index: int, task: _Task, pending, exclusive: bool) -> None:

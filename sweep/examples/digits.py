@@ -6,6 +6,8 @@ The first 1,297 images train, the last 500 evaluate.
 Make the quickstart checkpoints (deterministic, a few seconds on a laptop):
 
     python -m sweep.examples.digits --out sweep/examples/checkpoints
+
+(and the weight-space studies' checkpoints into sweep/examples/studies).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 
 N_TRAIN = 1297
 CHECKPOINTS = Path(__file__).with_name("checkpoints")
+#: The weight-space studies' checkpoints (kept apart: the quickstart globs `checkpoints/`).
+STUDY_CHECKPOINTS = Path(__file__).with_name("studies")
 
 #: (file stem, seed, epochs, hidden width) of the committed checkpoints.
 RECIPES = (
@@ -72,11 +76,12 @@ def metrics(output: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
     }
 
 
-def train(seed: int, epochs: int, hidden: int = 64, lr: float = 0.1, batch_size: int = 64) -> torch.nn.Module:
+def train(seed: int, epochs: int, hidden: int = 64, lr: float = 0.1, batch_size: int = 64,
+          depth: int = 1) -> torch.nn.Module:
     """Plain SGD with momentum; deterministic for a given seed."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = make_model(hidden)
+    model = make_model(hidden, depth)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     x, y = _arrays("train")
     for _ in range(epochs):
@@ -87,6 +92,65 @@ def train(seed: int, epochs: int, hidden: int = 64, lr: float = 0.1, batch_size:
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model.eval()
+
+
+#: Fine-tunes of one base for the merge example: (file stem, seed, classes emphasised).
+#: Each sees every training image, with the images of its own classes repeated
+#: four times, so each is better than the base and best on its own classes.
+FINETUNE_BASE = "seed0-epoch02"
+FINETUNES = (
+    ("finetune-a", 10, (0, 1, 2)),
+    ("finetune-b", 11, (3, 4, 5)),
+    ("finetune-c", 12, (6, 7, 8, 9)),
+)
+
+
+def finetune(base: Dict[str, torch.Tensor], seed: int, classes: Tuple[int, ...], epochs: int = 4,
+             lr: float = 0.05, batch_size: int = 64) -> torch.nn.Module:
+    """Continue training `base` with its `classes` weighted up; deterministic for a given seed."""
+    gen = torch.Generator().manual_seed(seed)
+    model = make_model()
+    model.load_state_dict(base)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x, y = _arrays("train")
+    mine = torch.isin(y, torch.tensor(classes))
+    x = torch.cat([x] + [x[mine]] * 3)
+    y = torch.cat([y] + [y[mine]] * 3)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+#: Two MLPs 64 → 64 → 64 → 64 → 10 from different seeds, trained to near-zero training loss:
+#: the straight path between them crosses a loss barrier that weight matching removes.
+#: (file stem, seed, epochs); make_model(64, depth=3) builds their module.
+DEEP = (("deep-seed0", 0, 60), ("deep-seed1", 1, 60))
+DEEP_DEPTH = 3
+
+
+def write_study_checkpoints(out: Path, checkpoints: Path = CHECKPOINTS) -> List[Path]:
+    """The merge example's fine-tunes of the base in `checkpoints`, and the deep pair for `align`, into `out`."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_file(str(checkpoints / f"{FINETUNE_BASE}.safetensors"))
+    written = []
+    for stem, seed, epochs in DEEP:
+        model = train(seed, epochs, depth=DEEP_DEPTH)
+        path = out / f"{stem}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        written.append(path)
+    for stem, seed, classes in FINETUNES:
+        model = finetune(base, seed, classes)
+        path = out / f"{stem}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        written.append(path)
+    return written
 
 
 def write_checkpoints(out: Path) -> List[Path]:
@@ -111,8 +175,13 @@ def write_checkpoints(out: Path) -> List[Path]:
 def main(argv: List[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=CHECKPOINTS, help="folder for the checkpoints")
+    parser.add_argument("--studies-out", type=Path, default=STUDY_CHECKPOINTS,
+                        help="folder for the merge fine-tunes and the align pair")
+    parser.add_argument("--studies-only", action="store_true",
+                        help="only the merge fine-tunes (of the base already in --out) and the align pair")
     args = parser.parse_args(argv)
-    for path in write_checkpoints(args.out):
+    written = [] if args.studies_only else write_checkpoints(args.out)
+    for path in written + write_study_checkpoints(args.studies_out, args.out):
         print(path)
 
 

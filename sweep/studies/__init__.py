@@ -8,15 +8,18 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from . import checkpoints, interpolate, perturb
+from . import align, checkpoints, interpolate, landscape, merge, perturb
 
 STUDIES: Dict[str, ModuleType] = {
     "checkpoints": checkpoints,
     "interpolate": interpolate,
     "perturb": perturb,
+    "landscape": landscape,
+    "merge": merge,
+    "align": align,
 }
 
 
-def plan(study_config):
-    """The planned study for a validated `study` config section."""
-    return STUDIES[study_config.kind].plan(study_config)
+def plan(study_config, context=None):
+    """The planned study for a validated `study` config section (`context`: a `StudyContext`)."""
+    return STUDIES[study_config.kind].plan(study_config, context)

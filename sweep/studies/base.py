@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Protocol, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Union
 
 import pyarrow as pa
+import torch
 
 from ..recipes import AnchorSet, Rows
 
@@ -39,6 +41,67 @@ class CandidateBatch:
         return len(self.ids)
 
 
+class Wait:
+    """Yielded by an adaptive study between rounds: every row so far must reach `observe` first."""
+
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+WAIT = Wait()
+
+
+@dataclass
+class StudyContext:
+    """What planning a study may need beyond its own section.
+
+    `module()` builds the sweep's module with its weights (the centre of a
+    landscape whose config names none); `artifacts` is the run folder, where
+    a study writes what it makes (aligned checkpoints), or None when nothing
+    is to be written (`sweep validate`).
+    """
+
+    module: Callable[[], torch.nn.Module]
+    artifacts: Optional[Path] = None
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any, artifacts: Optional[Path] = None) -> "StudyContext":
+        cache: Dict[str, torch.nn.Module] = {}
+
+        def module() -> torch.nn.Module:
+            if "module" not in cache:
+                from ..model import build_module, read_weights_file
+
+                weights = read_weights_file(config.model.weights) if config.model.weights else None
+                cache["module"] = build_module(config.model.factory, config.model.kwargs, weights,
+                                               seed=config.model.seed)
+            return cache["module"]
+
+        return cls(module=module, artifacts=artifacts)
+
+
+class StudyBase:
+    """Defaults for the optional parts of the protocol: a study that needs no results."""
+
+    objective: Optional[str] = None
+    mode: str = "min"
+    metric_names: Sequence[str] = ()
+
+    def bind(self, objective: Optional[str], mode: str, metric_names: Sequence[str] = ()) -> None:
+        """The metric that ranks rows and all metric names, known once the workers have reported them."""
+        self.objective = objective
+        self.mode = mode
+        self.metric_names = tuple(metric_names)
+
+    def observe(self, table: pa.Table) -> None:
+        """Rows as they land (and, on resume, the rows already in the results)."""
+
+    def summarise(self) -> Dict[str, float]:
+        """Numbers that need all rows (a path's barrier), for the summary and MLflow."""
+        return {}
+
+
 class Study(Protocol):
     """A planned study: a fixed number of candidates with stable ids."""
 
@@ -53,6 +116,17 @@ class Study(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
-        """Batches of at most `batch_size` candidates in id order, leaving out ids in `skip`."""
+    def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[Union[CandidateBatch, Wait]]:
+        """Batches of at most `batch_size` candidates in id order, leaving out ids in `skip`.
+
+        An adaptive study yields `WAIT` when its next candidates depend on the
+        rows so far: the driver then lets every batch in flight land (and
+        reach `observe`) before asking for more.
+        """
         ...
+
+    def bind(self, objective: Optional[str], mode: str, metric_names: Sequence[str] = ()) -> None: ...
+
+    def observe(self, table: pa.Table) -> None: ...
+
+    def summarise(self) -> Dict[str, float]: ...

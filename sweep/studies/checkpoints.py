@@ -11,7 +11,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Literal, Sequence, Union
+from typing import Any, Iterator, List, Literal, Optional, Sequence, Union
 
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
@@ -20,7 +20,7 @@ from ..config import Section, Text, checks_files, glob_matches_a_file, path_kind
 from ..errors import WeightsError
 from ..model import load_weights
 from ..types import Invalid
-from .base import CandidateBatch
+from .base import CandidateBatch, StudyBase, StudyContext
 
 GLOB_CHARS = set("*?[")
 
@@ -88,7 +88,7 @@ class FileContents:
         return out
 
 
-class Checkpoints:
+class Checkpoints(StudyBase):
     columns = {"path": pa.string()}
     default_batch_size = 8
 
@@ -116,5 +116,5 @@ def _read(path: str) -> Union[bytes, str]:
         return f"{path}: cannot read: {e.strerror or e}"
 
 
-def plan(config: Config) -> Checkpoints:
+def plan(config: Config, context: Optional[StudyContext] = None) -> Checkpoints:
     return Checkpoints(config)

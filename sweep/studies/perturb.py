@@ -17,7 +17,7 @@ from ..config import Float, Int, Section, Text, resolve_file
 from ..errors import ConfigError, WeightsError
 from ..model import read_weights_file
 from ..recipes import AnchorSet, NoiseRows, anchor_key
-from .base import CandidateBatch, RecipeBatch
+from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
 
 #: Largest `count` one sweep may ask for.
 MAX_COUNT = 1_000_000_000
@@ -40,7 +40,7 @@ class Config(Section):
         return resolve_file(v, info)
 
 
-class Perturb:
+class Perturb(StudyBase):
     columns = {"seed": pa.int64()}
     default_batch_size = 4096
 
@@ -74,5 +74,5 @@ class Perturb:
             yield CandidateBatch(ids, {}, RecipeBatch(self.key, rows))
 
 
-def plan(config: Config) -> Perturb:
+def plan(config: Config, context: Optional[StudyContext] = None) -> Perturb:
     return Perturb(config)

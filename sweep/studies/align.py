@@ -1,0 +1,114 @@
+"""Study kind `align`: a model's path to a reference, before and after permutation alignment.
+
+`model`'s hidden units are permuted to match `reference`'s by weight
+matching (Ainsworth et al. 2023, Git Re-Basin) — the function stays the
+same — and the permuted model is saved as `<run>/aligned/<model>.safetensors`.
+The candidates are both straight paths at `alphas`: `path = original`
+(reference → model) and `path = aligned` (reference → permuted model), so the
+summary holds the barrier of each (`original_barrier_<metric>`,
+`aligned_barrier_<metric>`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, List, Literal, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, ValidationInfo, field_validator
+
+from ..config import Float, Int, Section, Text, resolve_file
+from ..recipes import AffineRows, AnchorSet, anchor_key
+from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
+from .interpolate import (AlphaRange, PathRows, alpha_values, in_module_order, load_endpoints, save_aligned,
+                          with_endpoints)
+
+PATHS = ("original", "aligned")
+
+
+class Config(Section):
+    """Align `model` to `reference`, then evaluate both straight paths at `alphas`."""
+
+    kind: Literal["align"]
+    reference: Text = Field(description="the weights file whose units stay where they are")
+    model: Text = Field(description="the weights file whose hidden units are permuted")
+    method: Literal["weight_matching"] = "weight_matching"
+    alphas: Union[AlphaRange, List[Float]] = Field(
+        default_factory=lambda: AlphaRange(start=0.0, stop=1.0, num=21),
+        description="points along each path (default 21 from 0 to 1)")
+    seed: Int = Field(0, ge=0, lt=2**31, description="seed of the weight matching's visiting order")
+    max_iter: Int = Field(100, ge=1, le=100_000, description="most passes of weight matching")
+
+    @field_validator("reference", "model")
+    @classmethod
+    def _file(cls, v: str, info: ValidationInfo) -> str:
+        return resolve_file(v, info)
+
+
+class Align(StudyBase):
+    columns = {"path": pa.string(), "alpha": pa.float64()}
+    default_batch_size = 4096
+
+    def __init__(self, config: Config, context: Optional[StudyContext] = None):
+        from ..align import AlignError, align
+        from ..errors import ConfigError
+
+        reference, model = (in_module_order(e, context) for e in
+                            load_endpoints([config.reference, config.model], field="study.reference/model"))
+        try:
+            aligned, info = align(reference, model, max_iter=config.max_iter, seed=config.seed)
+        except AlignError as e:
+            raise ConfigError(f"study.model: {e}") from None
+        self.info = info
+        if context is not None and context.artifacts is not None:
+            self.saved: Optional[Path] = context.artifacts / "aligned" / f"{Path(config.model).stem}.safetensors"
+            save_aligned(aligned, self.saved)
+        else:
+            self.saved = None
+        floating = [k for k in reference if reference[k].is_floating_point()]
+        self._anchors: AnchorSet = {
+            "base": reference,
+            "direction_0": {k: model[k] - reference[k] for k in floating},
+            "direction_1": {k: aligned[k] - reference[k] for k in floating},
+        }
+        self.key = anchor_key(self._anchors)
+        self.alphas = with_endpoints(alpha_values(config.alphas), 1)
+        self.rows = PathRows()
+
+    def __len__(self) -> int:
+        return 2 * len(self.alphas)
+
+    def anchors(self) -> Dict[str, AnchorSet]:
+        return {self.key: self._anchors}
+
+    def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
+        """Ids 0 … K−1 are the original path, K … 2K−1 the aligned one."""
+        k = len(self.alphas)
+        ids = np.arange(2 * k, dtype=np.int64)
+        if skip:
+            ids = ids[[i not in skip for i in ids.tolist()]]
+        for start in range(0, len(ids), batch_size):
+            part = ids[start : start + batch_size]
+            path = part // k
+            alpha = self.alphas[part % k]
+            coeffs = np.zeros((len(part), 2))
+            coeffs[np.arange(len(part)), path] = alpha
+            extra = {"path": np.array([PATHS[p] for p in path.tolist()], dtype=object), "alpha": alpha}
+            rows = AffineRows(coeffs, ["original", "aligned"], extra)
+            yield CandidateBatch(part, {}, RecipeBatch(self.key, rows))
+
+    def observe(self, table: pa.Table) -> None:
+        self.rows.add(table, ["path", "alpha", *self.metric_names])
+
+    def summarise(self) -> Dict[str, float]:
+        out: Dict[str, float] = {"align_similarity_before": self.info.similarity_before,
+                                 "align_similarity_after": self.info.similarity_after}
+        for path in PATHS:
+            out.update(self.rows.barriers(list(self.metric_names), self.objective, self.mode, 1,
+                                          path=path, prefix=f"{path}_"))
+        return out
+
+
+def plan(config: Config, context: Optional[StudyContext] = None) -> Align:
+    return Align(config, context)

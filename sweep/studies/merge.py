@@ -1,0 +1,325 @@
+"""Study kind `merge`: merges and soups of N models fine-tuned from one base.
+
+With task vectors τ_i = model_i − base:
+- `task_arithmetic`: base + λ·Σ_i τ_i (Ilharco et al. 2023), or base + Σ_i λ_i·τ_i
+  with `per_model: true`;
+- `ties`: base + λ·(disjoint mean of the trimmed, sign-elected τ_i) (Yadav et al. 2023);
+- `dare`: base + Σ_i λ_i·DARE(τ_i), each entry kept with probability `density`
+  and rescaled by 1/density (Yu et al. 2024); `dare_ties` elects signs over the
+  DARE'd vectors like TIES;
+- `uniform_soup`: the mean of the models; `greedy_soup` (Wortsman et al. 2022):
+  the models by their own objective, best first, each added to the soup only
+  when the soup's objective on the eval data improves.
+
+The base and each model alone are rows too (`method` base / model). λ and
+density come from a grid (every combination) or `search: random` (`samples`
+draws per method, uniform between the smallest and largest value given).
+Everything but the greedy soup is planned up front; the greedy soup is
+decided round by round as its rows land (and replayed from them on resume).
+Rows of task arithmetic and the soups travel as one Affine recipe over the
+task vectors; TIES and DARE as Merge rows over the same anchors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from ..config import Float, Int, Section, Text, check_file, checks_files, resolve_file, resolve_path
+from ..errors import ConfigError, WeightsError
+from ..model import read_weights_file
+from ..recipes import AffineRows, AnchorSet, MergeRows, Rows, anchor_key
+from .base import WAIT, CandidateBatch, RecipeBatch, StudyBase, StudyContext, Wait
+from .interpolate import AlphaRange, alpha_values
+
+METHODS = ("task_arithmetic", "ties", "dare", "dare_ties", "uniform_soup", "greedy_soup")
+#: Methods whose rows vary the density.
+SPARSE = ("ties", "dare", "dare_ties")
+#: Largest number of planned rows.
+MAX_ROWS = 10_000_000
+#: Row r of a DARE method draws its masks from seed `seed * SEED_STRIDE + candidate id`.
+SEED_STRIDE = 2**32
+
+
+class Config(Section):
+    """Merge `models` (fine-tuned from `base`) by each of `methods`."""
+
+    kind: Literal["merge"]
+    base: Text = Field(description="the weights file the models were fine-tuned from")
+    models: List[Text] = Field(min_length=2, description="the fine-tuned weights files")
+    methods: List[Literal[METHODS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["task_arithmetic", "ties", "dare", "uniform_soup", "greedy_soup"],
+        min_length=1, description=f"any of {', '.join(METHODS)}")
+    lambdas: Union[AlphaRange, List[Float]] = Field(
+        default_factory=lambda: AlphaRange(start=0.2, stop=1.0, num=5),
+        description="scaling coefficients λ: a list, or {start, stop, num}")
+    densities: Union[AlphaRange, List[Float]] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.8, 1.0],
+        description="fractions kept by TIES / DARE, in (0, 1]")
+    search: Literal["grid", "random"] = Field("grid", description="every combination, or `samples` random draws")
+    samples: Int = Field(32, ge=1, le=MAX_ROWS, description="draws per method with search: random")
+    per_model: bool = Field(False, description="one λ per model (task_arithmetic and dare)")
+    seed: Int = Field(0, ge=0, lt=2**31, description="seeds DARE's masks and the random search")
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str, info: ValidationInfo) -> str:
+        return resolve_file(v, info)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, values: List[str], info: ValidationInfo) -> List[str]:
+        resolved = [resolve_path(v, info) for v in values]
+        if checks_files(info):
+            for path in resolved:
+                check_file(path)
+        return resolved
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: List[str]) -> List[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each method once, got {v}")
+        return v
+
+    @field_validator("lambdas", "densities")
+    @classmethod
+    def _values(cls, v: Union[AlphaRange, List[float]], info: ValidationInfo) -> Union[AlphaRange, List[float]]:
+        values = alpha_values(v)
+        if not len(values):
+            raise ValueError("give at least one value")
+        if info.field_name == "densities" and ((values <= 0) | (values > 1)).any():
+            raise ValueError(f"densities must lie in (0, 1], got {values.min():g} … {values.max():g}")
+        return v
+
+    @model_validator(mode="after")
+    def _per_model(self) -> "Config":
+        if self.per_model and {"ties", "dare_ties"} & set(self.methods):
+            raise ValueError("per_model: TIES scales its sign-elected merge by one λ; per-model λ is for "
+                             "task_arithmetic and dare (run ties in a study of its own)")
+        return self
+
+
+@dataclass
+class Plan:
+    """One method's planned rows: its coefficients, and which recipe makes them."""
+
+    method: str
+    lambdas: np.ndarray  # [k] or [k, N]
+    densities: np.ndarray  # [k] (NaN where unused)
+
+
+class Merge(StudyBase):
+    default_batch_size = 256
+
+    def __init__(self, config: Config, context: Optional[StudyContext] = None):
+        try:
+            base = read_weights_file(config.base)
+        except WeightsError as e:
+            raise ConfigError(f"study.base: {e}") from None
+        self.n = len(config.models)
+        anchors: AnchorSet = {"base": base}
+        for i, path in enumerate(config.models):
+            try:
+                model = read_weights_file(path)
+            except WeightsError as e:
+                raise ConfigError(f"study.models[{i}]: {e}") from None
+            anchors[f"direction_{i}"] = task_vector(model, base, f"study.models[{i}]")
+        self._anchors = anchors
+        self.key = anchor_key(anchors)
+        self.config = config
+        self.per_model = config.per_model
+        self.columns: Dict[str, pa.DataType] = {"method": pa.string(), "lambda": pa.float64()}
+        if self.per_model:
+            self.columns.update({f"lambda_{i}": pa.float64() for i in range(self.n)})
+        self.columns.update({"density": pa.float64(), "seed": pa.int64(), "soup": pa.string()})
+        self.plans = self._plans(config)
+        # Ids: base, the models, then each planned method's rows, then the greedy soup's rounds.
+        self.offsets: List[int] = []
+        count = 1 + self.n
+        for p in self.plans:
+            self.offsets.append(count)
+            count += len(p.densities)
+        self.greedy = "greedy_soup" in config.methods
+        self.greedy_start = count
+        # The greedy soup: N − 1 candidate soups, then the final soup as a row of its own.
+        self.total = count + (self.n if self.greedy else 0)
+        if self.total > MAX_ROWS:
+            raise ConfigError(f"study: {self.total} rows is more than {MAX_ROWS}; fewer lambdas, densities or samples")
+        self.scores: Dict[int, float] = {}
+
+    def _plans(self, config: Config) -> List[Plan]:
+        lambdas, densities = alpha_values(config.lambdas), alpha_values(config.densities)
+        rng = np.random.default_rng(config.seed)
+        plans = []
+        for method in config.methods:
+            if method in ("uniform_soup", "greedy_soup"):
+                if method == "uniform_soup":
+                    plans.append(Plan(method, np.full(1, 1.0 / self.n), np.full(1, np.nan)))
+                continue
+            per_model = self.per_model and method in ("task_arithmetic", "dare")
+            sparse = method in SPARSE
+            if config.search == "grid":
+                den_grid = densities if sparse else np.full(1, np.nan)
+                size = len(lambdas) ** (self.n if per_model else 1) * len(den_grid)
+                if size > MAX_ROWS:
+                    raise ConfigError(f"study: the grid of {method} has {size} rows, more than {MAX_ROWS}; "
+                                      f"fewer lambdas or densities, or search: random")
+                lam_grid = (np.array(list(itertools.product(lambdas, repeat=self.n))) if per_model
+                            else lambdas)
+                idx = np.array(list(itertools.product(range(len(lam_grid)), range(len(den_grid)))))
+                plans.append(Plan(method, lam_grid[idx[:, 0]], den_grid[idx[:, 1]]))
+            else:
+                k = config.samples
+                shape = (k, self.n) if per_model else (k,)
+                lam = rng.uniform(lambdas.min(), lambdas.max(), size=shape)
+                den = rng.uniform(densities.min(), densities.max(), size=k) if sparse else np.full(k, np.nan)
+                plans.append(Plan(method, lam, den))
+        return plans
+
+    def __len__(self) -> int:
+        return self.total
+
+    def anchors(self) -> Dict[str, AnchorSet]:
+        return {self.key: self._anchors}
+
+    # -- rows -------------------------------------------------------------------
+    def _affine(self, ids: np.ndarray, methods: Sequence[str], coeffs: np.ndarray, lam: Optional[np.ndarray],
+                soups: Sequence[Optional[str]]) -> CandidateBatch:
+        k = len(ids)
+        extra: Dict[str, np.ndarray] = {
+            "method": np.array(list(methods), dtype=object),
+            "lambda": lam if lam is not None and lam.ndim == 1 else nulls(k),
+            "soup": np.array(list(soups), dtype=object),
+        }
+        if self.per_model:
+            for i in range(self.n):
+                extra[f"lambda_{i}"] = coeffs[:, i] if lam is not None and lam.ndim == 2 else nulls(k)
+        rows = AffineRows(coeffs, [f"model_{i}" for i in range(self.n)], extra)
+        return CandidateBatch(ids, {}, RecipeBatch(self.key, rows))
+
+    def _plan_batch(self, plan: Plan, offset: int, ids: np.ndarray) -> CandidateBatch:
+        local = ids - offset
+        lam, den = plan.lambdas[local], plan.densities[local]
+        k = len(ids)
+        if plan.method in ("task_arithmetic", "uniform_soup"):
+            coeffs = lam if lam.ndim == 2 else np.repeat(lam[:, None], self.n, axis=1)
+            soup = "+".join(str(i) for i in range(self.n)) if plan.method == "uniform_soup" else None
+            return self._affine(ids, [plan.method] * k, coeffs, lam if plan.method == "task_arithmetic" else None,
+                                [soup] * k)
+        seeds = self.config.seed * SEED_STRIDE + ids
+        extra: Dict[str, np.ndarray] = {
+            "method": np.array([plan.method] * k, dtype=object),
+            "lambda": lam if lam.ndim == 1 else nulls(k),
+            "density": den,
+            "seed": seeds if plan.method != "ties" else nulls(k),
+        }
+        if self.per_model:
+            for i in range(self.n):
+                extra[f"lambda_{i}"] = lam[:, i] if lam.ndim == 2 else nulls(k)
+        rows: Rows = MergeRows(plan.method, lam, den, seeds, extra)
+        return CandidateBatch(ids, {}, RecipeBatch(self.key, rows))
+
+    def _soup_batch(self, candidate: int, members: Sequence[int], method: str) -> CandidateBatch:
+        coeffs = np.zeros((1, self.n))
+        coeffs[0, list(members)] = 1.0 / len(members)
+        return self._affine(np.array([candidate], np.int64), [method], coeffs, None,
+                            ["+".join(str(i) for i in sorted(members))])
+
+    def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[Union[CandidateBatch, Wait]]:
+        def todo(ids: np.ndarray) -> np.ndarray:
+            return ids[[i not in skip for i in ids.tolist()]] if skip else ids
+
+        fixed = todo(np.arange(1 + self.n, dtype=np.int64))
+        if len(fixed):
+            coeffs = np.zeros((len(fixed), self.n))
+            models = fixed[fixed > 0] - 1
+            coeffs[fixed > 0, models] = 1.0
+            soups = [None if i == 0 else str(i - 1) for i in fixed.tolist()]
+            methods = ["base" if i == 0 else "model" for i in fixed.tolist()]
+            yield self._affine(fixed, methods, coeffs, None, soups)
+        for plan, offset in zip(self.plans, self.offsets):
+            ids = todo(np.arange(offset, offset + len(plan.densities), dtype=np.int64))
+            for start in range(0, len(ids), batch_size):
+                yield self._plan_batch(plan, offset, ids[start : start + batch_size])
+        if self.greedy:
+            yield from self._greedy(skip)
+
+    def _greedy(self, skip: frozenset) -> Iterator[Union[CandidateBatch, Wait]]:
+        """Wortsman et al.'s greedy soup: one round per model after the best, then the final soup."""
+        yield WAIT
+        order = self._ranked([1 + i for i in range(self.n)])
+        if order is None:
+            return  # a model's own row is not ok: no ranking, no soup (the summary says so)
+        soup = [order[0] - 1]
+        best = self.scores[order[0]]
+        for step, candidate_model in enumerate(order[1:]):
+            candidate = self.greedy_start + step
+            trial = soup + [candidate_model - 1]
+            if candidate not in skip:
+                yield self._soup_batch(candidate, trial, "greedy_step")
+                yield WAIT
+            score = self.scores.get(candidate)
+            if score is not None and self._better(score, best):
+                soup, best = trial, score
+        final = self.greedy_start + self.n - 1
+        if final not in skip:
+            yield self._soup_batch(final, soup, "greedy_soup")
+
+    def _ranked(self, ids: List[int]) -> Optional[List[int]]:
+        if any(i not in self.scores for i in ids):
+            return None
+        reverse = self.mode == "max"
+        # Best first; equal scores keep the models' order.
+        return sorted(ids, key=lambda i: (-self.scores[i] if reverse else self.scores[i], i))
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.mode == "max" else value < than
+
+    def observe(self, table: pa.Table) -> None:
+        if self.objective is None or self.objective not in table.column_names:
+            return
+        ids = table.column("candidate_id").to_pylist()
+        status = table.column("status").to_pylist()
+        values = table.column(self.objective).to_pylist()
+        for i, s, v in zip(ids, status, values):
+            if s == "ok" and v is not None and np.isfinite(v) and (i <= self.n or i >= self.greedy_start):
+                self.scores[i] = float(v)
+
+    def summarise(self) -> Dict[str, float]:
+        if not self.greedy:
+            return {}
+        final = self.greedy_start + self.n - 1
+        out: Dict[str, float] = {}
+        if final in self.scores and self.objective is not None:
+            out[f"greedy_soup_{self.objective}"] = self.scores[final]
+        return out
+
+
+def nulls(k: int) -> np.ndarray:
+    """A column of k nulls (a value the row's method does not use)."""
+    return np.full(k, None, dtype=object)
+
+
+def task_vector(model: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], field: str) -> Dict[str, torch.Tensor]:
+    """model − base over the base's floating tensors; keys and shapes must match the base's."""
+    if set(model) != set(base):
+        diff = sorted(set(model).symmetric_difference(base))
+        raise ConfigError(f"{field}: its keys differ from the base's: {diff[:5]}")
+    out = {}
+    for k, v in base.items():
+        if model[k].shape != v.shape:
+            raise ConfigError(f"{field}: key '{k}' has shape {tuple(model[k].shape)}, the base has {tuple(v.shape)}")
+        if v.is_floating_point():
+            out[k] = model[k].to(torch.float32) - v.to(torch.float32)
+    return out
+
+
+def plan(config: Config, context: Optional[StudyContext] = None) -> Merge:
+    return Merge(config, context)
