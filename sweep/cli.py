@@ -1,4 +1,4 @@
-"""The `sweep` command line: run | resume | show | validate | bench."""
+"""The `sweep` command line: run | resume | report | show | validate | bench."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run of this name")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    run.add_argument("--no-report", action="store_true", help="skip the figures and HTML page at the end")
 
     resume = sub.add_parser("resume", help="finish an interrupted sweep: each missing candidate once, none twice")
     resume.add_argument("run_dir", type=Path, help="the run folder, <out>/runs/<name>")
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="override workers.* for this resume (other keys must match the saved config)")
     resume.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     resume.add_argument("--no-progress", action="store_true")
+    resume.add_argument("--no-report", action="store_true", help="skip the figures and HTML page at the end")
+
+    report = sub.add_parser("report", help="figures and one HTML page from a run's results (also logged to MLflow)")
+    report.add_argument("run_dir", type=Path, help="the run folder, <out>/runs/<name>")
+    report.add_argument("--top", type=int, default=10, help="best rows in the page's table (default 10)")
+    report.add_argument("--no-mlflow", action="store_true", help="do not log the figures to the sweep's MLflow run")
 
     bench = sub.add_parser("bench", help="measure the naive loop and the engine side by side on this machine")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -74,6 +81,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _resume(args)
         if args.command == "show":
             return _show(args)
+        if args.command == "report":
+            return _write_report(args.run_dir, top=args.top, mlflow=not args.no_mlflow)
         if args.command == "bench":
             from .bench import main as bench_main
 
@@ -136,7 +145,10 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run(config, args.out, address=args.address, overwrite=args.overwrite,
                  progress=False if args.no_progress else None)
-    return _report(result, config)
+    code = _report(result, config)
+    if not args.no_report and config.sinks.parquet.enabled and result.summary.get("completed"):
+        _write_report(result.run_dir)
+    return code
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -147,7 +159,23 @@ def _resume(args: argparse.Namespace) -> int:
 
     result = resume(args.run_dir, args.overrides, address=args.address, config=config,
                     progress=False if args.no_progress else None)
-    return _report(result, None)
+    code = _report(result, None)
+    if not args.no_report and result.summary.get("completed"):
+        _write_report(result.run_dir)
+    return code
+
+
+def _write_report(run_dir: Path, *, top: int = 10, mlflow: bool = True) -> int:
+    from .report import write_report
+
+    if top < 0:
+        raise SweepError(f"--top must be 0 or more, got {top}")
+    report = write_report(run_dir, mlflow=mlflow, top=top)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    logged = " (and to the MLflow run, under report/)" if report.mlflow_logged else ""
+    print(f"report: {report.html} with {len(report.figures)} figures{logged}")
+    return EXIT_OK
 
 
 def _report(result, config) -> int:

@@ -134,7 +134,8 @@ class Landscape(StudyBase):
 
     def _random(self, config: Config, center: Dict[str, torch.Tensor],
                 context: Optional[StudyContext]) -> List[Dict[str, torch.Tensor]]:
-        floating = [k for k, v in center.items() if v.is_floating_point()]
+        # Drawn in name order: a weights file's keys come back in no fixed order.
+        floating = sorted(k for k, v in center.items() if v.is_floating_point())
         if not config.buffers:
             if context is None:
                 raise ConfigError("study.buffers: telling parameters from buffers needs the model")
