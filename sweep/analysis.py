@@ -62,7 +62,8 @@ def barrier(alpha: np.ndarray, values: np.ndarray, segments: int, mode: str = "m
     inside = (alpha >= -1e-9) & (alpha <= segments + 1e-9)
     if not inside.any():
         return None
-    a, v = alpha[inside], values[inside]
+    order = np.argsort(alpha[inside], kind="stable")  # rows land in any order; ties go to the smallest alpha
+    a, v = alpha[inside][order], values[inside][order]
     j = np.clip(np.floor(a + 1e-9), 0, segments - 1).astype(np.int64)
     t = a - j
     ends_array = np.asarray(ends)

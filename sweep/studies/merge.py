@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa

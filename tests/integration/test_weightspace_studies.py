@@ -12,7 +12,7 @@ import torch
 
 from sweep.examples import digits
 from sweep.model import read_weights_file
-from tests.conftest import digits_reference
+from tests.conftest import digits_reference, sweep_cli
 from tests.integration.test_recipe_studies import load
 from workers.driver import resume, run
 
@@ -138,3 +138,32 @@ def test_interpolate_with_alignment_and_slerp_on_workers(repo, tmp_path, ray_clu
     assert (tmp_path / "runs" / "aligned" / "aligned" / "01-deep-seed1.safetensors").is_file()
     mid = {name: rows(r)[1]["loss"] for name, r in (("plain", plain), ("aligned", aligned), ("slerp", spherical))}
     assert mid["slerp"] != mid["aligned"] and mid["slerp"] < mid["plain"]
+
+
+def test_cli_run_writes_the_report_and_logs_it_to_a_real_mlflow_server(repo, tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    proc = sweep_cli("run", str(repo / "configs/merge.yaml"), "--out", str(tmp_path), "--no-progress",
+                     "--set", f"sinks.mlflow.tracking_uri={mlflow_server.uri}", "--set", "name=merge-cli",
+                     "--set", "study.lambdas=[0.5, 1.0]", "--set", "study.densities=[0.5]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "greedy_soup_loss:" in proc.stdout
+    assert "with 3 figures (and to the MLflow run, under report/)" in proc.stdout
+    run_dir = tmp_path / "runs" / "merge-cli"
+    record = json.loads((run_dir / "run.json").read_text())
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    logged = {a.path for a in client.list_artifacts(record["mlflow_run_id"], "report")}
+    assert {"report/report.html", "report/merge.png", "report/merge-summary.png"} <= logged
+    page = (run_dir / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "greedy_soup" in page
+    metrics = client.get_run(record["mlflow_run_id"]).data.metrics
+    assert metrics["summary.greedy_soup_loss"] == pytest.approx(record["findings"]["greedy_soup_loss"])
+
+    # Written again on demand, without MLflow, with the PNGs replaced.
+    (run_dir / "report" / "merge.png").unlink()
+    again = sweep_cli("report", str(run_dir), "--no-mlflow", "--top", "3", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (run_dir / "report" / "merge.png").stat().st_size > 10_000
+    assert "(and to the MLflow run" not in again.stdout
+    missing = sweep_cli("report", str(tmp_path / "runs" / "nothing-here"), cwd=tmp_path)
+    assert missing.returncode == 1 and "runs/<name>" in missing.stderr
