@@ -300,12 +300,15 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
 def elect_and_merge(tau: torch.Tensor) -> torch.Tensor:
     """TIES' sign election and disjoint mean of [N, P] task vectors → [P].
 
-    Each parameter's sign is that of the sum of the task vectors (a zero sum
-    takes the sign of the whole sum); the merged value is the mean of the
-    entries that agree with it, zeros not counted.
+    Each parameter's sign is that of the sum of the task vectors; where that
+    sum is zero, the majority of the elected signs (TIES' reference code),
+    and + where the majority is a tie too (as mergekit). The merged value is
+    the mean of the entries that agree with it, zeros not counted.
     """
     sign = torch.sign(tau.sum(dim=0))
     majority = torch.sign(sign.sum())
+    if majority == 0:
+        majority = torch.ones_like(majority)
     sign = torch.where(sign == 0, majority, sign)
     agree = torch.where(sign > 0, tau > 0, tau < 0)
     selected = tau * agree

@@ -237,13 +237,13 @@ class Merge(StudyBase):
             return ids[[i not in skip for i in ids.tolist()]] if skip else ids
 
         fixed = todo(np.arange(1 + self.n, dtype=np.int64))
-        if len(fixed):
-            coeffs = np.zeros((len(fixed), self.n))
-            models = fixed[fixed > 0] - 1
-            coeffs[fixed > 0, models] = 1.0
-            soups = [None if i == 0 else str(i - 1) for i in fixed.tolist()]
-            methods = ["base" if i == 0 else "model" for i in fixed.tolist()]
-            yield self._affine(fixed, methods, coeffs, None, soups)
+        for start in range(0, len(fixed), batch_size):
+            ids = fixed[start : start + batch_size]
+            coeffs = np.zeros((len(ids), self.n))
+            coeffs[ids > 0, ids[ids > 0] - 1] = 1.0
+            soups = [None if i == 0 else str(i - 1) for i in ids.tolist()]
+            methods = ["base" if i == 0 else "model" for i in ids.tolist()]
+            yield self._affine(ids, methods, coeffs, None, soups)
         for plan, offset in zip(self.plans, self.offsets):
             ids = todo(np.arange(offset, offset + len(plan.densities), dtype=np.int64))
             for start in range(0, len(ids), batch_size):
