@@ -6,8 +6,8 @@ the per-tensor SLERP between them (`method: slerp`), and alphas below 0 or
 above n − 1 extend the first or last segment. The candidates travel as one
 recipe: the endpoints go to each worker once, each batch carries alphas.
 
-The endpoints themselves are always evaluated (added after the configured
-alphas when those miss them), so the loss barrier — the most the path rises
+The endpoints themselves are evaluated too (added after the configured
+alphas when those miss them; `barrier: false` leaves them out), so the loss barrier — the most the path rises
 above the straight chord between its endpoints' values — is a summary metric
 (`barrier_<metric>`). `align: weight_matching` first permutes each endpoint's
 hidden units to match the one before it (Git Re-Basin), saving the aligned
@@ -65,6 +65,7 @@ class Config(Section):
     align: Literal["none", "weight_matching"] = Field(
         "none", description="permute each endpoint's hidden units to match the one before it first")
     align_seed: Int = Field(0, ge=0, lt=2**31, description="seed of the weight matching's visiting order")
+    barrier: bool = Field(True, description="also evaluate the endpoints the alphas miss, for the loss barrier")
 
     @field_validator("endpoints")
     @classmethod
@@ -226,7 +227,9 @@ class Interpolate(StudyBase):
         if config.align == "weight_matching":
             endpoints = aligned_chain(endpoints, config.align_seed, context, config.endpoints)
         self.segments = len(endpoints) - 1
-        self.alphas = with_endpoints(alpha_values(config.alphas), self.segments)
+        self.alphas = alpha_values(config.alphas)
+        if config.barrier:
+            self.alphas = with_endpoints(self.alphas, self.segments)
         self.method = config.method
         self._anchors = path_anchors(config.method, endpoints)
         self.key = anchor_key(self._anchors)

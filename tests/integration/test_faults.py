@@ -95,7 +95,8 @@ def test_a_batch_that_kills_every_worker_becomes_failed_rows(repo, tmp_path, ray
         "model": {"factory": "tests.integration.helpers:fragile"},
         "data": {"loader": "tests.integration.helpers:fragile_data"},
         "metrics": {"function": "tests.integration.helpers:mse"},
-        "study": {"kind": "interpolate", "endpoints": ["a.safetensors", "b.safetensors"], "alphas": alphas},
+        "study": {"kind": "interpolate", "endpoints": ["a.safetensors", "b.safetensors"], "alphas": alphas,
+                  "barrier": False},
         "workers": {"count": 2, "batch_size": 4},
         "sinks": {"mlflow": {"enabled": False}},
     }
