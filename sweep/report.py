@@ -7,8 +7,16 @@ figures its study kind calls for into `<run_dir>/report/`, writes
 attached on its own), and logs the folder to the sweep's MLflow run.
 
 Only rows with status `ok` and finite values are drawn; the others are
-counted, and their errors listed, on the page. Matplotlib is imported when
-a report is written, never when this module is.
+counted, and their errors listed, on the page.
+
+Training studies (`pbt`, `search`) write one row per member per generation;
+their report follows the population over training (`training.png`), draws
+pbt's lineage tree with the best member's hyperparameter schedule
+(`lineage.png`), the final objective against each searched hyperparameter
+(`hyperparameters.png`), and puts the best member of the last generation,
+with its schedule from `sweep.analysis.lineage`, on the page.
+
+Matplotlib is imported when a report is written, never when this module is.
 """
 
 from __future__ import annotations
@@ -28,14 +36,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .analysis import lineage
 from .analysis import metric_mode as _metric_mode
 from .errors import ConfigError, SweepError
 from .types import FAILED, INVALID, OK
 
 #: Columns every results table has that are neither recipe nor metric.
 FIXED_COLUMNS = frozenset({"candidate_id", "status", "error", "worker", "node", "eval_seconds"})
-#: Recipe columns by study kind; kinds not named here (pbt, search, …) get the generic parts only.
+#: Columns of a training study's rows (kinds pbt and search) besides the searched hyperparameters.
+TRAINING_COLUMNS = ("member", "generation", "parent", "step")
+#: Study kinds that train a population, one row per member per generation.
+TRAINING_KINDS = ("pbt", "search")
+#: Recipe columns by study kind (training kinds add their searched hyperparameters); kinds not named
+#: here get the generic parts only.
 RECIPE_COLUMNS: Dict[str, Tuple[str, ...]] = {
+    "pbt": TRAINING_COLUMNS,
+    "search": TRAINING_COLUMNS,
     "checkpoints": ("path",),
     "perturb": ("seed",),
     "interpolate": ("alpha",),
@@ -48,7 +64,8 @@ PER_MODEL_LAMBDA = re.compile(r"lambda_([0-9]+)")
 #: Merge methods drawn as heat maps over lambda × density.
 GRID_METHODS = ("ties", "dare", "dare_ties")
 #: Every file name a report may write (removed first, so a re-run leaves no stale figure behind).
-FIGURE_NAMES = ("interpolate.png", "align.png", "landscape.png", "merge.png", "merge-summary.png", "objective.png")
+FIGURE_NAMES = ("interpolate.png", "align.png", "landscape.png", "merge.png", "merge-summary.png", "objective.png",
+                "training.png", "lineage.png", "hyperparameters.png")
 #: Resolution of the PNGs.
 DPI = 120
 #: Invalid and failed rows listed with their errors on the page.
@@ -63,6 +80,14 @@ LOG_LEVELS_DECADES = 2.0
 MAX_COLUMNS = 3
 #: Contour levels of a landscape.
 CONTOUR_LEVELS = 16
+#: Members drawn in training.png (an evenly spaced subset of a larger population, plus the best lineage).
+MAX_MEMBERS_DRAWN = 400
+#: The lineage tree is drawn for populations up to this size (the schedule panels always).
+MAX_TREE_MEMBERS = 256
+#: Switches of the best lineage named in training.png.
+MAX_SWITCHES_NAMED = 12
+#: Largest (generations × members) grid a training report lays its rows on (about 1 GB of arrays).
+MAX_GRID_CELLS = 25_000_000
 
 #: The rule for metrics other than the objective, which has its own mode in the config.
 MODE_RULE = ("metrics other than the objective count as lower-is-better when their name holds 'loss', 'error' "
@@ -100,7 +125,7 @@ def write_report(run_dir: Path, *, mlflow: bool = True, top: int = 10) -> Report
     location = str(record.get("results") or run_dir / "results")
     table = _read_table(location, run_dir)
     warnings: List[str] = []
-    run = _describe(cfg, table, location, warnings)
+    run = _describe(cfg, table, location, warnings, record=record, run_dir=run_dir)
 
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
@@ -183,6 +208,11 @@ class _Run:
     metrics: List[str]  # metric columns, the objective first
     objective: Optional[str]
     mode: str  # the objective's
+    hyper: List[str] = field(default_factory=list)  # training kinds: the searched hyperparameters in the table
+    log_hyper: List[str] = field(default_factory=list)  # those searched log-uniformly (drawn on log axes)
+    record: Dict[str, Any] = field(default_factory=dict)  # run.json
+    run_dir: Optional[Path] = None
+    population: Optional["_Population"] = None  # training kinds: the rows by member and generation
     _cache: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def floats(self, name: str) -> np.ndarray:
@@ -228,14 +258,15 @@ def _ok_rows(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(_status_mask(table, OK)))
 
 
-def _recipe_and_metrics(table: pa.Table, kind: str) -> Tuple[List[str], List[str]]:
+def _recipe_and_metrics(table: pa.Table, kind: str, extra: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
     """(recipe columns, metric columns) of a results table, in table order.
 
     Metrics are the float columns that are neither fixed nor the kind's recipe
     columns (every metric is float64); other columns an unknown kind adds are
-    shown as recipe columns.
+    shown as recipe columns. `extra`: more recipe columns (a training study's
+    searched hyperparameters, float64 like the metrics).
     """
-    known = set(RECIPE_COLUMNS.get(kind, ()))
+    known = set(RECIPE_COLUMNS.get(kind, ())) | set(extra)
     recipe, metrics = [], []
     for f in table.schema:
         if f.name in FIXED_COLUMNS:
@@ -249,10 +280,22 @@ def _recipe_and_metrics(table: pa.Table, kind: str) -> Tuple[List[str], List[str
     return recipe, metrics
 
 
-def _describe(cfg: Any, table: pa.Table, location: str, warnings: List[str]) -> _Run:
+def _searched(study: Any, table: pa.Table) -> Tuple[List[str], List[str]]:
+    """(searched hyperparameters with a results column, the log-uniform ones among them), in config order.
+    Constants have no column: every member used the config's value."""
+    space = getattr(study, "hyperparameters", None)
+    if not isinstance(space, dict):
+        return [], []
+    hyper = [n for n, v in space.items() if getattr(v, "distribution", None) is not None and n in table.column_names]
+    return hyper, [n for n in hyper if getattr(space[n], "distribution", None) == "loguniform"]
+
+
+def _describe(cfg: Any, table: pa.Table, location: str, warnings: List[str], *,
+              record: Optional[Dict[str, Any]] = None, run_dir: Optional[Path] = None) -> _Run:
     study = getattr(cfg, "study", None)
     kind = str(getattr(study, "kind", "") or "unknown")
-    recipe, metrics = _recipe_and_metrics(table, kind)
+    hyper, log_hyper = _searched(study, table) if kind in TRAINING_KINDS else ([], [])
+    recipe, metrics = _recipe_and_metrics(table, kind, hyper)
     config_metrics = getattr(cfg, "metrics", None)
     objective = getattr(config_metrics, "objective", None)
     mode = getattr(config_metrics, "mode", "min") or "min"
@@ -266,8 +309,15 @@ def _describe(cfg: Any, table: pa.Table, location: str, warnings: List[str]) -> 
         objective = metrics[0] if metrics else None
     if objective is not None:
         metrics = [objective] + [m for m in metrics if m != objective]
-    return _Run(name=str(getattr(cfg, "name", "sweep")), kind=kind, study=study, location=location, table=table,
-                ok=_ok_rows(table), recipe=recipe, metrics=metrics, objective=objective, mode=mode)
+    run = _Run(name=str(getattr(cfg, "name", "sweep")), kind=kind, study=study, location=location, table=table,
+               ok=_ok_rows(table), recipe=recipe, metrics=metrics, objective=objective, mode=mode, hyper=hyper,
+               log_hyper=log_hyper, record=record or {}, run_dir=run_dir)
+    if kind in TRAINING_KINDS and objective is not None:
+        try:
+            run.population = _population(run, warnings)
+        except Exception as e:  # the page still shows the counts, the table and the errors
+            warnings.append(f"could not follow the population by member and generation: {type(e).__name__}: {e}")
+    return run
 
 
 # --------------------------------------------------------------------------- analyses (pure numpy)
@@ -422,8 +472,9 @@ def _draw(run: _Run, folder: Path, warnings: List[str]) -> Tuple[List[_Figure], 
         return figures, summary
     drawers: List[Callable[[_Run, Path, List[str]], List[_Figure]]] = []
     drawers += {"interpolate": [_interpolate], "align": [_align], "landscape": [_landscape],
-                "merge": [_merge]}.get(run.kind, [])
-    if run.kind not in ("interpolate", "align", "landscape"):
+                "merge": [_merge], "pbt": [_training, _lineage_figure, _hyperparameters],
+                "search": [_training, _hyperparameters]}.get(run.kind, [])
+    if run.kind not in ("interpolate", "align", "landscape") + TRAINING_KINDS:
         drawers.append(_histogram)
     for draw in drawers:
         try:
@@ -914,6 +965,464 @@ def _histogram(run: _Run, folder: Path, summary: List[str]) -> List[_Figure]:
                           f"the red line is the best.")]
 
 
+# -- training studies (pbt, search)
+
+#: Colours of training.png's and lineage.png's edges: a member continuing its own weights, and an exploit.
+CONTINUE_COLOUR = "#9ecae1"
+EXPLOIT_COLOUR = "#fd8d3c"
+BEST_COLOUR = "#d62728"
+
+
+@dataclass
+class _Population:
+    """A training study's rows on a (generation, member) grid.
+
+    `row[g, m]` is the index in the run's table of member m's row at generation g (-1 where none; where a
+    pair has several rows an ok one wins); `value` its objective (NaN unless ok and finite), `step` its
+    training steps and `parent` its parent (-1 where none).
+    """
+
+    row: np.ndarray
+    value: np.ndarray
+    step: np.ndarray
+    parent: np.ndarray
+    last: Optional[int]  # the last generation with a finite objective
+    best: Optional[int]  # the best member of that generation
+    chain: List[Dict[str, Any]]  # lineage(best, last): generation 0 first; empty when broken
+    exploits: int  # rows (distinct member and generation) with parent ≠ member
+
+    @property
+    def generations(self) -> int:
+        return self.row.shape[0]
+
+    @property
+    def members(self) -> int:
+        return self.row.shape[1]
+
+    @property
+    def present(self) -> np.ndarray:
+        return self.row >= 0
+
+    def best_value(self) -> float:
+        return float(self.value[self.last, self.best]) if self.best is not None else math.nan
+
+    def switches(self) -> List[int]:
+        """Positions k ≥ 1 of the chain where the row continued from another member (an exploit)."""
+        return [k for k in range(1, len(self.chain)) if self.chain[k]["member"] != self.chain[k - 1]["member"]]
+
+
+def _population(run: _Run, warnings: List[str]) -> Optional[_Population]:
+    """The rows of a pbt or search run by generation and member, the best member of the last generation
+    and its lineage; None (and a warning) when the table lacks the training columns."""
+    missing = [c for c in ("member", "generation", "parent") if c not in run.table.column_names]
+    if missing:
+        warnings.append(f"the results have no {', '.join(missing)} column: not the rows of a {run.kind} study; "
+                        f"no training figures")
+        return None
+    table = run.table
+    member, generation = _floats(table, "member"), _floats(table, "generation")
+    valid = np.isfinite(member) & np.isfinite(generation) & (member >= 0) & (generation >= 0)
+    if not valid.any():
+        warnings.append("no row names its member and generation: no training figures")
+        return None
+    m, g = member[valid].astype(np.int64), generation[valid].astype(np.int64)
+    cells = (int(g.max()) + 1) * (int(m.max()) + 1)
+    if cells > MAX_GRID_CELLS:
+        warnings.append(f"members 0…{int(m.max())} × generations 0…{int(g.max())} are {cells} cells, more than "
+                        f"{MAX_GRID_CELLS}: no training figures")
+        return None
+    index = np.flatnonzero(valid)
+    ok = _status_mask(table, OK)[valid]
+    row = np.full((int(g.max()) + 1, int(m.max()) + 1), -1, dtype=np.int64)
+    order = np.argsort(ok, kind="stable")  # ok rows last: the ok row of a pair wins
+    row[g[order], m[order]] = index[order]
+    present = row >= 0
+    at = np.where(present, row, 0)
+    value = np.where(present & _status_mask(table, OK)[at], _floats(table, run.objective)[at], np.nan)
+    value[~np.isfinite(value)] = np.nan
+    step = np.where(present, _floats(table, "step")[at], np.nan)
+    parents = _floats(table, "parent")[at]
+    parent = np.where(present & np.isfinite(parents), np.nan_to_num(parents, nan=-1), -1).astype(np.int64)
+    members = np.arange(row.shape[1])
+    exploits = int((present & (parent >= 0) & (parent != members[None, :])).sum())
+    finite_generations = np.flatnonzero(np.isfinite(value).any(axis=1))
+    last = int(finite_generations[-1]) if len(finite_generations) else None
+    best = _best_index(value[last], run.mode) if last is not None else None
+    if last is not None and last < row.shape[0] - 1:
+        warnings.append(f"the last generation ({row.shape[0] - 1}) has no ok row with a finite {run.objective}: "
+                        f"the best member and the last-generation figures are from generation {last}")
+    chain: List[Dict[str, Any]] = []
+    if best is not None:
+        try:
+            chain = lineage(table, best, last)
+        except ValueError as e:
+            warnings.append(f"the lineage of the best member ({best}) cannot be followed: {e}")
+        found = (run.record.get("findings") or {}).get("best_member") if isinstance(run.record, dict) else None
+        if isinstance(found, int) and not isinstance(found, bool) and found != best:
+            warnings.append(f"run.json's findings name member {found} as the best, but the results rank member "
+                            f"{best} first in generation {last} by {run.objective} ({_better(run.mode)})")
+    return _Population(row=row, value=value, step=step, parent=parent, last=last, best=best, chain=chain,
+                       exploits=exploits)
+
+
+def _chain_values(chain: List[Dict[str, Any]], name: str) -> np.ndarray:
+    """Column `name` along a chain as float64 (a hyperparameter was used whatever the row's status)."""
+    values = [row.get(name) for row in chain]
+    return np.array([np.nan if v is None or isinstance(v, (str, bool)) else float(v) for v in values],
+                    dtype=np.float64)
+
+
+def _chain_objective(run: _Run, chain: List[Dict[str, Any]]) -> np.ndarray:
+    """The objective along a chain (NaN at rows that are not ok or not finite)."""
+    values = np.array([np.nan if row.get("status", OK) != OK or row.get(run.objective) is None
+                       else float(row[run.objective]) for row in chain], dtype=np.float64)
+    values[~np.isfinite(values)] = np.nan
+    return values
+
+
+def _drawn_members(pop: _Population) -> np.ndarray:
+    if pop.members <= MAX_MEMBERS_DRAWN:
+        return np.arange(pop.members)
+    return np.unique(np.linspace(0, pop.members - 1, MAX_MEMBERS_DRAWN).round().astype(np.int64))
+
+
+def _edges(pop: _Population, members: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(generation, member, parent, exploit) of every row at generation ≥ 1 of `members` whose parent has
+    a row at the generation before."""
+    if pop.generations < 2 or not len(members):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, np.zeros(0, dtype=bool)
+    g, m = np.meshgrid(np.arange(1, pop.generations), members, indexing="ij")
+    g, m = g.ravel(), m.ravel()
+    p = pop.parent[g, m]
+    keep = pop.present[g, m] & (p >= 0) & (p < pop.members)
+    g, m, p = g[keep], m[keep], p[keep]
+    keep = pop.present[g - 1, p]
+    g, m, p = g[keep], m[keep], p[keep]
+    return g, m, p, p != m
+
+
+def _log_scale_wanted(values: np.ndarray, mode: str) -> bool:
+    finite = values[np.isfinite(values)]
+    return (mode == "min" and len(finite) > 1 and float(finite.min()) > 0
+            and float(finite.max()) / float(finite.min()) > 10 ** LOG_LEVELS_DECADES)
+
+
+def _training(run: _Run, folder: Path, summary: List[str]) -> List[_Figure]:
+    from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
+
+    pop = run.population
+    if pop is None or pop.best is None:
+        return []
+    pbt = run.kind == "pbt"
+    drawn = _drawn_members(pop)
+    best_value = pop.best_value()
+    summary.append(f"best member of the last generation (generation {pop.last}, step "
+                   f"{_fmt(pop.step[pop.last, pop.best])}): member {pop.best}, {run.objective} = {_fmt(best_value)} "
+                   f"({_better(run.mode)}), of {int(np.isfinite(pop.value[pop.last]).sum())} members with a finite "
+                   f"value")
+    if pbt:
+        summary.append(f"exploits: {pop.exploits} rows continued from another member's weights (parent ≠ member); "
+                       f"the best member's lineage switched members {len(pop.switches())} times")
+
+    fig, (ax,) = _figure(1, width=9.5, height=5.2)
+    g, m, p, exploit = _edges(pop, drawn)
+    x0, y0 = pop.step[g - 1, p], pop.value[g - 1, p]
+    x1, y1 = pop.step[g, m], pop.value[g, m]
+    fine = np.isfinite(x0) & np.isfinite(y0) & np.isfinite(x1) & np.isfinite(y1)
+    segments = np.stack([np.column_stack([x0, y0]), np.column_stack([x1, y1])], axis=1)
+    alpha, thin = _crowding(len(drawn))
+    handles = []
+    own_label = "a member continuing its own weights" if pbt else "a member (one line each)"
+    for on, colour, width, label in ((fine & ~exploit, CONTINUE_COLOUR, 0.9, own_label),
+                                     (fine & exploit, EXPLOIT_COLOUR, 1.0,
+                                      "exploit: from the donor's point to the member's")):
+        if on.any():
+            ax.add_collection(LineCollection(segments[on], colors=colour, linewidths=width * thin, alpha=alpha,
+                                             zorder=1))
+            handles.append(Line2D([], [], color=colour, lw=1.5, label=label))
+    if pbt:  # the jump itself: from the member's own point to the donor's, at the evaluation that decided it
+        own = pop.value[g - 1, m]
+        jump = fine & exploit & np.isfinite(own) & np.isfinite(pop.step[g - 1, m])
+        if jump.any():
+            jumps = np.stack([np.column_stack([pop.step[g - 1, m], own]), np.column_stack([x0, y0])], axis=1)
+            ax.add_collection(LineCollection(jumps[jump], colors=EXPLOIT_COLOUR, linewidths=0.9 * thin,
+                                             alpha=alpha, linestyles=":", zorder=1))
+            handles.append(Line2D([], [], color=EXPLOIT_COLOUR, lw=1.2, ls=":",
+                                  label="the jump: from the member's own point to the donor's"))
+    xs, ys = pop.step[:, drawn].ravel(), pop.value[:, drawn].ravel()
+    ax.plot(xs, ys, ".", ms=2.5, color=CONTINUE_COLOUR, alpha=min(1.0, alpha + 0.2), zorder=1)
+    median_step, median = _nanmedian(pop.step), _nanmedian(pop.value)
+    on = np.isfinite(median_step) & np.isfinite(median)
+    handles += ax.plot(median_step[on], median[on], "--", color="0.3", lw=1.3, zorder=3,
+                       label="population median")
+    chain_steps = _chain_values(pop.chain, "step")
+    chain_values = _chain_objective(run, pop.chain)
+    if len(pop.chain):
+        handles += ax.plot(chain_steps, chain_values, "-o", color=BEST_COLOUR, lw=2.4, ms=3.5, zorder=5,
+                           label=f"best member {pop.best}" + ("'s lineage" if pbt else "")
+                           + f" (final {_fmt(best_value)})")
+        switches = pop.switches()
+        if switches:
+            handles += ax.plot(chain_steps[switches], chain_values[switches], "D", ms=6, mfc="white",
+                               mec=BEST_COLOUR, mew=1.6, zorder=6, label="exploit along the lineage")
+            for k in switches[:MAX_SWITCHES_NAMED]:
+                if np.isfinite(chain_values[k]):
+                    ax.annotate(f"m{pop.chain[k - 1]['member']}→m{pop.chain[k]['member']}",
+                                (chain_steps[k], chain_values[k]), xytext=(4, -12 if run.mode == "max" else 6),
+                                textcoords="offset points", fontsize=7, color=BEST_COLOUR, zorder=6,
+                                bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.8))
+    else:
+        ax.plot(pop.step[pop.last, pop.best], best_value, "*", ms=14, color=BEST_COLOUR, mec="black", zorder=6)
+    if _log_scale_wanted(pop.value, run.mode):
+        ax.set_yscale("log")
+    ax.autoscale_view()
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{_label(run.objective)} ({_better(run.mode)})"
+                  + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    shown = "" if len(drawn) == pop.members else f"; {len(drawn)} of {pop.members} members drawn"
+    ax.set_title(f"{_label(run.name)}: {_label(run.objective)} of every member over training "
+                 f"({pop.members} members, {pop.generations} generations{shown})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=8, loc="lower right" if run.mode == "max" else "upper right")
+    path = folder / "training.png"
+    _save(fig, path)
+    how = ("Each generation's segment runs from the parent's point at the previous evaluation to the member's "
+           "point, so an exploit (orange) jumps from the donor's curve; " if pbt else
+           "One light line per member; ")
+    caption = (f"{run.objective} of every member at each evaluation against its training steps. {how}the dashed line "
+               f"is the population's median and the bold red line the lineage of the best member of the last "
+               f"generation (member {pop.best})" + (", diamonds where it continued from another member" if pbt else "")
+               + (f". An evenly spaced {len(drawn)} of the {pop.members} members are drawn." if shown else "."))
+    return [_Figure(path, caption)]
+
+
+def _crowding(members: int) -> Tuple[float, float]:
+    """(alpha, line width factor) of the population's lines: a crowd of lines is drawn fainter and thinner."""
+    return float(np.clip(3.0 / math.sqrt(max(members, 1)), 0.08, 0.8)), (1.0 if members <= 50 else 0.6)
+
+
+def _nanmedian(grid: np.ndarray) -> np.ndarray:
+    """The median of each row of `grid` over its finite values (NaN for a row without one)."""
+    out = np.full(grid.shape[0], np.nan)
+    for i, line in enumerate(grid):
+        finite = line[np.isfinite(line)]
+        if len(finite):
+            out[i] = float(np.median(finite))
+    return out
+
+
+def _objective_cmap(run: _Run) -> str:
+    return "viridis" if run.mode == "max" else "viridis_r"
+
+
+def _range_text(run: _Run, name: str) -> str:
+    """' (searched in [low, high])' or ' (choices a, b, …)' of a hyperparameter, for a title."""
+    space = getattr(run.study, "hyperparameters", None) or {}
+    spec = space.get(name) if isinstance(space, dict) else None
+    values = getattr(spec, "values", None)
+    if getattr(spec, "distribution", None) == "choice" and values:
+        shown = ", ".join(_fmt(v) for v in list(values)[:6]) + (", …" if len(values) > 6 else "")
+        return f"\n(choices {shown})"
+    low, high = getattr(spec, "low", None), getattr(spec, "high", None)
+    if low is None or high is None:
+        return ""
+    return f"\n(searched {getattr(spec, 'distribution', '')} in [{_fmt(low)}, {_fmt(high)}])"
+
+
+def _lineage_figure(run: _Run, folder: Path, summary: List[str]) -> List[_Figure]:
+    from matplotlib.figure import Figure
+
+    pop = run.population
+    if pop is None or pop.best is None:
+        return []
+    tree = pop.members <= MAX_TREE_MEMBERS
+    schedule = bool(run.hyper) and bool(pop.chain)
+    if not tree:
+        summary.append(f"lineage tree not drawn: {pop.members} members, more than {MAX_TREE_MEMBERS}")
+    if not tree and not schedule:
+        return []
+    k = max(1, len(run.hyper)) if schedule else 1
+    width = min(20.0, max(10.0, 0.42 * pop.generations + 4.0, 4.2 * k + 1.0 if schedule else 0.0))
+    tree_height = min(12.0, max(4.0, 0.24 * pop.members + 1.8)) if tree else 0.0
+    schedule_height = 3.3 if schedule else 0.0
+    fig = Figure(figsize=(width, tree_height + schedule_height), layout="constrained")
+    ratios = [h for h in (tree_height, schedule_height) if h]
+    grid = fig.add_gridspec(len(ratios), k, height_ratios=ratios)
+    if tree:
+        _tree(run, pop, fig, fig.add_subplot(grid[0, :]))
+    if schedule:
+        _schedule(run, pop, [fig.add_subplot(grid[len(ratios) - 1, j]) for j in range(len(run.hyper))])
+    size = f" ({pop.members} members × {pop.generations} generations, {pop.exploits} exploits)"
+    fig.suptitle(f"{_label(run.name)}: lineage of the population{size} and the best member's schedule"
+                 if tree and schedule else f"{_label(run.name)}: " +
+                 (f"lineage of the population{size}" if tree else "the best member's schedule"), fontsize=11)
+    path = folder / "lineage.png"
+    _save(fig, path)
+    parts = []
+    if tree:
+        parts.append(f"Top: one dot per member (y) and generation (x), coloured by {run.objective}; an edge joins "
+                     f"each row to its parent's row at the generation before: grey where the member continued its "
+                     f"own weights, orange where it copied another member's (exploit; {pop.exploits} in all). The "
+                     f"best member's lineage is red.")
+    if schedule:
+        logs = [n for n in run.hyper if n in run.log_hyper]
+        parts.append(f"{'Bottom' if tree else 'Panels'}: the best member's hyperparameters along its lineage, one "
+                     f"value per generation; orange dotted lines mark where the lineage continued from another "
+                     f"member" + (f"; log scale for {', '.join(logs)}" if logs else "") + ".")
+    return [_Figure(path, " ".join(parts))]
+
+
+def _tree(run: _Run, pop: _Population, fig: Any, ax: Any) -> None:
+    from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
+
+    members = np.arange(pop.members)
+    g, m, p, exploit = _edges(pop, members)
+    segments = np.stack([np.column_stack([g - 1, p]), np.column_stack([g, m])], axis=1).astype(np.float64)
+    handles = []
+    alpha, thin = _crowding(pop.members)
+    if (~exploit).any():
+        ax.add_collection(LineCollection(segments[~exploit], colors="0.8", linewidths=0.9 * thin, zorder=1))
+        handles.append(Line2D([], [], color="0.7", lw=1.2, label="continues its own weights"))
+    if exploit.any():
+        ax.add_collection(LineCollection(segments[exploit], colors=EXPLOIT_COLOUR, linewidths=1.3 * thin,
+                                         alpha=min(0.9, alpha + 0.15), zorder=2))
+        handles.append(Line2D([], [], color=EXPLOIT_COLOUR, lw=1.5, label="exploit: copies the parent's weights"))
+    gg, mm = np.nonzero(pop.present)
+    values = pop.value[gg, mm]
+    finite = np.isfinite(values)
+    size = float(np.clip(900.0 / max(pop.members, 1), 6.0, 40.0))
+    dots = ax.scatter(gg[finite], mm[finite], c=values[finite], s=size, cmap=_objective_cmap(run), zorder=3,
+                      edgecolors="none")
+    fig.colorbar(dots, ax=ax, label=f"{_label(run.objective)} ({_better(run.mode)}; brighter is better)",
+                 pad=0.01, aspect=30)
+    if (~finite).any():
+        handles += [ax.scatter(gg[~finite], mm[~finite], s=size, marker="x", color="0.45", zorder=3,
+                               label="not ok or not finite")]
+    if pop.chain:
+        cg = np.array([row["generation"] for row in pop.chain], dtype=np.float64)
+        cm = np.array([row["member"] for row in pop.chain], dtype=np.float64)
+        handles += ax.plot(cg, cm, "-", color=BEST_COLOUR, lw=2.6, zorder=4,
+                           label=f"best member {pop.best}'s lineage")
+        ax.scatter(cg, cm, s=size * 1.6, facecolors="none", edgecolors=BEST_COLOUR, linewidths=1.4, zorder=5)
+    ax.annotate(f"best: member {pop.best}\n{_label(run.objective)} {_fmt(pop.best_value())}",
+                (pop.last, pop.best), xytext=(8, 0), textcoords="offset points", va="center", fontsize=8,
+                color=BEST_COLOUR, annotation_clip=False,
+                bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85))
+    ax.set_xlim(-0.6, pop.generations - 0.4 + max(0.9, 0.13 * pop.generations))  # room for the label
+    ax.set_ylim(-0.8, pop.members - 0.2)
+    _integer_ticks(ax.xaxis, pop.generations)
+    _integer_ticks(ax.yaxis, pop.members)
+    ax.set_xlabel(f"generation (evaluated every {_fmt(getattr(run.study, 'interval', None)) or '?'} steps)")
+    ax.set_ylabel("member")
+    ax.legend(handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.005), ncol=len(handles),
+              frameon=False, borderaxespad=0.0)
+
+
+def _log_axis(ax: Any, which: str, values: np.ndarray) -> None:
+    """A log-scale axis; one that spans less than a decade gets evenly spaced ticks labelled in plain numbers
+    (the default has a tick or two there)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
+
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    finite = values[np.isfinite(values) & (values > 0)]
+    if len(finite) and float(finite.max()) / float(finite.min()) < 10.0:
+        axis = ax.yaxis if which == "y" else ax.xaxis
+        axis.set_major_locator(MaxNLocator(nbins=6))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: _fmt(v)))
+        axis.set_minor_locator(NullLocator())
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _integer_ticks(axis: Any, count: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    if count <= 40:
+        axis.set_ticks(range(count))
+        if count > 20:
+            for k, label in enumerate(axis.get_ticklabels()):
+                label.set_visible(k % 2 == 0)
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True, nbins=20))
+
+
+def _schedule(run: _Run, pop: _Population, axes: List[Any]) -> None:
+    generations = np.array([row["generation"] for row in pop.chain], dtype=np.float64)
+    switches = pop.switches()
+    for ax, name in zip(axes, run.hyper):
+        values = _chain_values(pop.chain, name)
+        log = name in run.log_hyper and bool(np.all(values[np.isfinite(values)] > 0))
+        ax.plot(generations, values, "-", drawstyle="steps-mid", color="C0", lw=1.6, zorder=3)
+        ax.plot(generations, values, "o", ms=3.5, color="C0", zorder=4)
+        for k, s in enumerate(switches):
+            ax.axvline(generations[s] - 0.5, color=EXPLOIT_COLOUR, ls=":", lw=1.4, zorder=2,
+                       label="continued from another member" if k == 0 else None)
+        if log:
+            _log_axis(ax, "y", values)
+        ax.set_xlim(-0.6, max(generations.max() if len(generations) else 0.0, 0.0) + 0.6)
+        _integer_ticks(ax.xaxis, int(generations.max()) + 1 if len(generations) else 1)
+        ax.set_xlabel("generation")
+        ax.set_ylabel(_label(name) + (" (log scale)" if log else ""))
+        ax.set_title(f"best member {pop.best}: {_label(name)} along its lineage{_range_text(run, name)}", fontsize=10)
+        ax.grid(alpha=0.3)
+        if switches:
+            ax.legend(fontsize=7, loc="best")
+
+
+def _hyperparameters(run: _Run, folder: Path, summary: List[str]) -> List[_Figure]:
+    pop = run.population
+    if pop is None or pop.best is None:
+        return []
+    if not run.hyper:
+        summary.append("no hyperparameter is searched (every one is a constant): no hyperparameters figure")
+        return []
+    last = pop.last
+    rows = pop.row[last]
+    present = rows >= 0
+    at = np.where(present, rows, 0)
+    values = pop.value[last]
+    fig, axes = _figure(len(run.hyper), width=5.0, height=4.0)
+    handles: List[Any] = []
+    for ax, name in zip(axes, run.hyper):
+        x = np.where(present, _floats(run.table, name)[at], np.nan)
+        keep = np.isfinite(x) & np.isfinite(values)
+        log = name in run.log_hyper and bool(np.all(x[keep] > 0))
+        dots = ax.scatter(x[keep], values[keep], s=26, color="C0", alpha=0.8, edgecolors="none", zorder=3,
+                          label=f"a member ({int(keep.sum())} with a finite {_label(run.objective)})")
+        if keep[pop.best]:
+            star = ax.plot(x[pop.best], values[pop.best], "*", ms=15, color=BEST_COLOUR, mec="black", zorder=4,
+                           label=f"the best member ({pop.best}; {_label(run.objective)} {_fmt(values[pop.best])})")
+            ax.annotate(f"{_label(name)} = {_fmt(x[pop.best])}", (x[pop.best], values[pop.best]), xytext=(9, -3),
+                        textcoords="offset points", fontsize=8, color=BEST_COLOUR, va="top",
+                        bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8))
+            handles = [dots] + star
+        handles = handles or [dots]
+        ax.margins(y=0.08)
+        if log:
+            _log_axis(ax, "x", x[keep])
+        if _log_scale_wanted(values[keep], run.mode):
+            ax.set_yscale("log")
+        ax.set_xlabel(_label(name) + (" (log scale)" if log else "")
+                      + (" in the last generation" if run.kind == "pbt" else ""))
+        ax.set_ylabel(f"final {_label(run.objective)} ({_better(run.mode)})")
+        ax.set_title(f"final {_label(run.objective)} vs {_label(name)}{_range_text(run, name)}", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"{_label(run.name)}: each member's {_label(run.objective)} at the last generation ({last}) "
+                 f"against its hyperparameters", fontsize=11)
+    path = folder / "hyperparameters.png"
+    _save(fig, path)
+    which = ("the value each member used in the last generation (pbt changes them along the way; lineage.png "
+             "has the best member's schedule)" if run.kind == "pbt" else "each member's value")
+    logs = [n for n in run.hyper if n in run.log_hyper]
+    return [_Figure(path, f"{run.objective} of every member at the last generation ({last}) against {which}; the red "
+                          f"star is the best member"
+                          + (f"; log scale for {', '.join(logs)}" if logs else "") + ".")]
+
+
+
 # --------------------------------------------------------------------------- the page
 
 
@@ -973,6 +1482,8 @@ def _page(run: _Run, figures: List[_Figure], summary: List[str], top: int, warni
                      + "</ul>\n")
     if summary:
         parts.append("<h2>Summary</h2>\n<ul>" + "".join(f"<li>{_e(s)}</li>" for s in summary) + "</ul>\n")
+    if run.kind in TRAINING_KINDS and run.objective is not None:
+        parts.append(_best_member(run))
     if figures:
         parts.append("<h2>Figures</h2>\n")
         for figure in figures:
@@ -981,14 +1492,59 @@ def _page(run: _Run, figures: List[_Figure], summary: List[str], top: int, warni
                          f'alt="{_e(figure.caption)}">\n<figcaption>{_e(figure.path.name)}: '
                          f"{_e(figure.caption)}</figcaption></figure>\n")
     if run.objective is not None:
-        best = best_rows(run.table, run.objective, run.mode, top)
+        ranked, last = run.table, None
+        if run.kind in TRAINING_KINDS and run.population is not None and run.population.last is not None:
+            last = run.population.last
+            ranked = run.table.filter(pa.array(_floats(run.table, "generation") == last))
+        best = best_rows(ranked, run.objective, run.mode, top)
         columns = ["candidate_id"] + [c for c in run.recipe if c in best.column_names] + run.metrics
         rows = [[row.get(c) for c in columns] for row in best.select(columns).to_pylist()]
-        parts.append(f"<h2>Best {len(rows)} rows by {_e(run.objective)} ({_e(_better(run.mode))})</h2>\n")
+        of = "" if last is None else f" of the last generation ({last})"
+        parts.append(f"<h2>Best {len(rows)} rows{of} by {_e(run.objective)} ({_e(_better(run.mode))})</h2>\n")
+        if last is not None:
+            parts.append(f"<p>Only the rows of the last generation ({last}) are ranked: the rows of earlier "
+                         f"generations are the same members part-trained.</p>\n")
         parts.append(_table(columns, rows, "best") + "\n")
     parts.append(_problems(run))
     parts.append(f"<p><small>Figures draw the ok rows with finite values only. The objective's direction comes "
                  f"from the config; {_e(MODE_RULE)}.</small></p>\n</body>\n</html>\n")
+    return "".join(parts)
+
+
+def _best_member(run: _Run) -> str:
+    """The page's section on a training study's best member: its value, its schedule, pbt's exploits."""
+    pop = run.population
+    head = "<h2>Best member</h2>\n"
+    if pop is None:
+        return head + "<p>The rows could not be laid out by member and generation (see the warnings).</p>\n"
+    if pop.best is None:
+        return head + f"<p>No member has an ok row with a finite {_e(run.objective)}.</p>\n"
+    step = pop.step[pop.last, pop.best]
+    parts = [head, f'<p id="best-member">Member <b>{pop.best}</b>: {_e(run.objective)} = '
+                   f"<b>{_e(_fmt(pop.best_value()))}</b> ({_e(_better(run.mode))}) at generation {pop.last}"
+                   + (f", step {_e(_fmt(step))}" if np.isfinite(step) else "")
+                   + f", the best of the {int(np.isfinite(pop.value[pop.last]).sum())} members with a finite value "
+                     f"in the last generation."]
+    if run.run_dir is not None and (run.run_dir / "best.safetensors").is_file():
+        parts.append(" Its weights: <code>best.safetensors</code> in the run folder.")
+    parts.append("</p>\n")
+    if run.kind == "pbt":
+        parts.append(f'<p id="exploits">Exploits: <b>{pop.exploits}</b> rows continued from another member\'s '
+                     f"weights (parent ≠ member) over the run; the best member's lineage switched members "
+                     f"{len(pop.switches())} times.</p>\n")
+    if not pop.chain:
+        return "".join(parts) + "<p>Its lineage cannot be followed (see the warnings).</p>\n"
+    columns = ["generation", "step", "member"] + run.hyper + [run.objective]
+    rows = []
+    objective = _chain_objective(run, pop.chain)
+    for row, value in zip(pop.chain, objective):
+        rows.append([row.get(c) for c in columns[:-1]] + [None if not np.isfinite(value) else float(value)])
+    parts.append("<p>Its schedule: the rows of its lineage, generation 0 first. <i>member</i> is the member whose "
+                 "row (and weights) the lineage passes through at that generation"
+                 + (", so it changes where the lineage continued from another member" if run.kind == "pbt" else "")
+                 + f"; the hyperparameters are the values used during that generation and {_e(run.objective)} the "
+                   f"value at its end.</p>\n")
+    parts.append(_table(columns, rows, "schedule") + "\n")
     return "".join(parts)
 
 
@@ -1041,4 +1597,4 @@ def _log_to_mlflow(cfg: Any, record: Dict[str, Any], folder: Path, warnings: Lis
     return True
 
 
-__all__ = ("Report", "write_report", "best_rows", "merge_grid", "metric_mode", "pivot")
+__all__ = ("Report", "write_report", "best_rows", "lineage", "merge_grid", "metric_mode", "pivot")

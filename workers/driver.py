@@ -22,7 +22,7 @@ import sweep
 from sweep.config import SweepConfig, check_metric_names, dump_config, flatten, load_config
 from sweep.errors import SweepError
 from sweep.results import Tally, failed_rows, results_schema
-from sweep.sinks.mlflow import MlflowSink
+from sweep.sinks.mlflow import Children, MlflowSink
 from sweep.sinks.parquet import ParquetSink, clear, dataset, has_results
 from sweep.studies import plan
 from sweep.studies.base import StudyContext
@@ -128,16 +128,18 @@ def run(
     """
     run_dir = run_dir_for(config, out)
     results = results_location(config, run_dir)
+    if config.sinks.parquet.enabled and has_results(results) and not overwrite:
+        raise SweepError(f"{results} already holds results; pass --overwrite to replace them, "
+                         f"`sweep resume {run_dir}` to finish them, or change `name`")
+    # Planned before anything is written: a study the config cannot make fails here, naming the field.
+    study = plan(config.study, StudyContext.from_config(config, run_dir))
     if config.sinks.parquet.enabled and has_results(results):
-        if not overwrite:
-            raise SweepError(f"{results} already holds results; pass --overwrite to replace them, "
-                             f"`sweep resume {run_dir}` to finish them, or change `name`")
         clear(results)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     write_run_record(run_dir, name=config.name, results=results, config_digest=config.digest(),
                      mlflow_run_id=None)
-    return _sweep(config, run_dir, results, address=address, progress=progress, on_batch=on_batch)
+    return _sweep(config, run_dir, results, address=address, progress=progress, on_batch=on_batch, study=study)
 
 
 def resume(run_dir: Path, overrides: Sequence[str] = (), *, address: Optional[str] = None,
@@ -187,13 +189,20 @@ def _done_ids(results: str, tally: Tally, study: Any) -> frozenset:
 
 
 def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optional[str], progress: Optional[bool],
+           study: Any = None,
            on_batch: Optional[Callable[[int, int], None]], resumed: bool = False,
            mlflow_run_id: Optional[str] = None) -> RunResult:
-    study = plan(config.study, StudyContext.from_config(config, run_dir))
+    if study is None:
+        study = plan(config.study, StudyContext.from_config(config, run_dir))
     weights = Path(config.model.weights).read_bytes() if config.model.weights else None
 
     connect(address)
     count = worker_count(config)
+    if getattr(study, "trains", False):
+        if resumed:
+            raise SweepError(f"a {config.study.kind} study cannot be resumed (the members' weights lived on its "
+                             f"workers); run it again with --overwrite")
+        return _train_sweep(config, study, run_dir, results, count, weights, progress, on_batch)
     make_actor = worker_factory(config, weights, study.anchors())
     pool = Pool(make_actor, count, config.workers.max_in_flight)
     metric_names = describe_workers(pool.actors)
@@ -254,6 +263,26 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
     )
 
 
+def _train_sweep(config: SweepConfig, study: Any, run_dir: Path, results: str, count: int, weights: Optional[bytes],
+                 progress: Optional[bool], on_batch: Optional[Callable[[int, int], None]]) -> RunResult:
+    """A training study (pbt, search): the population sharded over the workers, generation by generation."""
+    from .training import train
+
+    def sinks_for(schema: pa.Schema, metric_names: List[str]) -> List[Any]:
+        return open_sinks(config, schema, metric_names, results, run_dir, len(study), count,
+                          children=[*study.hyper_names, "parent", "step"])
+
+    summary, tally, sinks, findings = train(config, study, run_dir, count, weights, sinks_for,
+                                            Progress(len(study), enabled=progress), on_batch)
+    if findings:
+        write_run_record(run_dir, findings=findings)
+    mlflow_sink = next((s for s in sinks if isinstance(s, MlflowSink)), None)
+    warnings: List[str] = list(mlflow_sink.errors) if mlflow_sink is not None else []
+    return RunResult(name=config.name, run_dir=run_dir, results_dir=results, summary=summary,
+                     problems=tally.problems, mlflow_run_id=mlflow_sink.run_id if mlflow_sink else None,
+                     warnings=warnings, findings=findings)
+
+
 def worker_factory(config: SweepConfig, weights: Optional[bytes], anchors: Dict[str, Any]) -> Callable[[], Any]:
     """Makes worker actors; the weights and each recipe's anchors enter the object store once for all of them."""
     options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
@@ -285,7 +314,9 @@ def describe_workers(actors: List[Any]) -> List[str]:
 
 
 def open_sinks(config: SweepConfig, schema, metric_names: List[str], results: str, run_dir: Path,
-               total: int, workers: int, mlflow_run_id: Optional[str] = None) -> List[Any]:
+               total: int, workers: int, mlflow_run_id: Optional[str] = None,
+               children: Optional[List[str]] = None) -> List[Any]:
+    """The configured sinks; `children` (a training study's columns) gives each member its own MLflow run."""
     sinks: List[Any] = []
     stamp = {"sweep.name": config.name, "sweep.config_digest": config.digest(),
              **{f"sweep.version.{k}": v for k, v in versions().items()}}
@@ -307,6 +338,7 @@ def open_sinks(config: SweepConfig, schema, metric_names: List[str], results: st
             retry_seconds=m.retry_seconds,
             run_id=mlflow_run_id,
             on_run=lambda run_id: write_run_record(run_dir, mlflow_run_id=run_id),
+            **({"children": Children(values=children)} if children is not None else {}),
         ))
     return sinks
 

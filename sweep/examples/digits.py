@@ -68,6 +68,24 @@ def eval_batches(batch_size: int = 500, split: str = "test") -> List[Tuple[torch
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
+def train_batches(batch_size: int = 64, epochs: int = 50, seed: int = 0) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The training loader of the pbt/search examples: `epochs` shuffles of the training split in batches."""
+    x, y = _arrays("train")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        out += [(x[order[i : i + batch_size]], y[order[i : i + batch_size]]) for i in range(0, len(x), batch_size)]
+    return out
+
+
+def loss(output: torch.Tensor, y: torch.Tensor, label_smoothing: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Cross-entropy with optional label smoothing (a hyperparameter the pbt example may search)."""
+    logp = F.log_softmax(output, dim=-1)
+    nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return ((1 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)).mean()
+
+
 def metrics(output: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Mean cross-entropy loss and accuracy of a batch."""
     return {

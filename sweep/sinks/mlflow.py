@@ -9,6 +9,12 @@ in the summary, never the sweep (the Parquet results stay complete).
 Small sweeps log every candidate's metrics with `step = candidate_id`; larger
 ones log per-batch summaries (`batch.<metric>.min|mean|max`, one step per
 batch) so the UI stays usable, and point at the full table.
+
+Studies whose rows follow members over generations (population-based training)
+pass `children`: each member then gets a child run of the sweep's run, nested
+under it in the UI, with its metrics (and chosen columns such as its
+hyperparameters) at one step per generation. The sweep's run keeps its params,
+tags, summary and per-batch summaries.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -44,6 +51,17 @@ NONFINITE_SUFFIX = ".nonfinite"
 _STOP = object()
 
 
+@dataclass
+class Children:
+    """Rows grouped into one child run each, one step per `step` value."""
+
+    key: str = "member"  # rows with the same value go to one child run
+    step: str = "generation"  # the MLflow step of each row's metrics
+    name: str = "member-{:03d}"  # run name of the child for key value k
+    values: Sequence[str] = ()  # columns logged as metrics of the child, besides the sweep's metric names
+    params: Dict[int, Dict[str, str]] = field(default_factory=dict)  # params of the child for key value k, logged once
+
+
 class MlflowSink:
     """Logs params, tags, metrics and the summary of one sweep to one MLflow run."""
 
@@ -61,6 +79,7 @@ class MlflowSink:
         results_uri: Optional[str] = None,
         retry_seconds: float = 120.0,
         on_run: Optional[Callable[[str], None]] = None,
+        children: Optional[Children] = None,
     ):
         # Our own retries pace the requests; MLflow's would hold one request for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -69,7 +88,9 @@ class MlflowSink:
         self.run_name = run_name or experiment
         self.tracking_uri = tracking_uri
         self.metric_names = tuple(metric_names)
-        self.per_candidate = per_candidate
+        self.children = children
+        # With children, they carry each member's metrics; the sweep's run gets per-batch summaries.
+        self.per_candidate = per_candidate and children is None
         self.run_id = run_id
         self.reopened = run_id is not None
         self.results_uri = results_uri
@@ -83,16 +104,33 @@ class MlflowSink:
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self._params = {k: _param_value(v) for k, v in (params or {}).items()}
         self._tags = {k: str(v) for k, v in (tags or {}).items()}
+        self._experiment_id: Optional[str] = None
+        self._child_runs: Dict[Any, str] = {}  # key value → run id of its child
+        self._child_status: Dict[Any, str] = {}  # key value → status of its child, as last seen
+        self._child_params: Dict[Any, Dict[str, str]] = {}  # key value → params its child has
+        self._child_tags_due: set = set()  # key values whose child still lacks the stamp tags
+        self._child_ready: set = set()  # key values whose child has its tags and params and is running
+        self._noted: set = set()  # problems with the table already reported once
         self._thread = threading.Thread(target=self._work, name="sweep-mlflow", daemon=True)
         self._thread.start()
+
+    @property
+    def child_run_ids(self) -> Dict[int, str]:
+        """Run id of the child of each key value the sink has created or found so far (all of them after `close`)."""
+        return self._child_runs.copy()
 
     # -- the sink contract -------------------------------------------------
     def write(self, table: pa.Table) -> None:
         names = [n for n in self.metric_names if n in table.column_names]
-        if not names or table.num_rows == 0:
+        if (not names and self.children is None) or table.num_rows == 0:
             return
         ok = table.filter(pc.equal(table.column("status"), "ok"))
         if not ok.num_rows:
+            return
+        if self.children is not None:
+            # Tables are immutable: the thread reads the columns it needs from this one.
+            self._queue.put(("children", ok))
+        if not names:
             return
         if self.per_candidate:
             ids = ok.column("candidate_id").to_numpy()
@@ -136,10 +174,14 @@ class MlflowSink:
             if client is None or self.run_id is None:
                 if item[0] == "rows":
                     self.missed_metrics += sum(len(v) for v in item[2].values())
+                elif item[0] == "children":
+                    self.missed_metrics += sum(len(e) for e in self._child_entries(item[1]).values())
                 continue
             try:
                 if item[0] == "rows":
                     self._log_rows(client, item[1], item[2])
+                elif item[0] == "children":
+                    self._log_children(client, item[1])
                 elif item[0] == "batch":
                     self._log_metrics(client, [(k, v, item[1]) for k, v in item[2].items()])
                 elif item[0] == "summary":
@@ -152,7 +194,7 @@ class MlflowSink:
         self.errors.append(text)
 
     def _start(self):
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -168,6 +210,9 @@ class MlflowSink:
             logged = dict(run.data.params)
             if run.info.status != "RUNNING":
                 self._call(lambda: client.update_run(self.run_id, status="RUNNING"), "reopen the run")
+            if self.children is not None:
+                self._find_children(client, run.info.experiment_id)
+        self._experiment_id = run.info.experiment_id
         if self.on_run is not None:
             self.on_run(self.run_id)
         # Params are logged once: MLflow refuses a param re-logged with another value.
@@ -178,33 +223,36 @@ class MlflowSink:
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             chunk = params[i : i + MAX_PARAMS_PER_BATCH]
             self._call(lambda: client.log_batch(self.run_id, params=chunk), "log params")
-        tags = [RunTag(k, v) for k, v in self._tags.items()]
-        if self.results_uri:
-            tags.append(RunTag("sweep.results", self.results_uri))
+        tags = self._stamp()
         for i in range(0, len(tags), MAX_TAGS_PER_BATCH):
             chunk = tags[i : i + MAX_TAGS_PER_BATCH]
             self._call(lambda: client.log_batch(self.run_id, tags=chunk), "log tags")
         return client
 
+    def _stamp(self) -> list:
+        """The tags of the sweep's run; its children get them too."""
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(k, v) for k, v in self._tags.items()]
+        if self.results_uri:
+            tags.append(RunTag("sweep.results", self.results_uri))
+        return tags
+
     def _log_rows(self, client, ids: np.ndarray, columns: Dict[str, np.ndarray]) -> None:
         entries = []
         for name, values in columns.items():
-            for cid, value in zip(ids.tolist(), values.tolist()):
-                if value is None:
-                    continue
-                entries.append((name, value, cid))
-                if not math.isfinite(value):
-                    entries.append((name + NONFINITE_SUFFIX, 1.0, cid))
+            _add_entries(entries, name, values.tolist(), ids.tolist())
         self._log_metrics(client, entries)
 
-    def _log_metrics(self, client, entries: List[tuple]) -> None:
+    def _log_metrics(self, client, entries: List[tuple], run_id: Optional[str] = None) -> None:
         from mlflow.entities import Metric
 
+        run_id = run_id or self.run_id
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(step)) for k, v, step in entries]
         for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             chunk = metrics[i : i + MAX_METRICS_PER_BATCH]
-            if self._try(lambda: client.log_batch(self.run_id, metrics=chunk)):
+            if self._try(lambda: client.log_batch(run_id, metrics=chunk)):
                 self.logged_metrics += len(chunk)
             else:
                 self.missed_metrics += len(chunk)
@@ -221,7 +269,123 @@ class MlflowSink:
             self._try(lambda: client.set_tag(self.run_id, "sweep.mlflow_incomplete",
                                              f"{self.missed_metrics} metric values missed; the Parquet results are complete"))
         status = "FINISHED" if summary.get("completed", True) else "KILLED"
+        # Every child ends as the sweep does, those a reopened run found and got no rows for included.
+        for run_id in list(self._child_runs.values()):
+            self._try(lambda: client.set_terminated(run_id, status=status))
         self._try(lambda: client.set_terminated(self.run_id, status=status))
+
+    # -- child runs ------------------------------------------------------------
+    def _find_children(self, client, experiment_id: str) -> None:
+        """The children an earlier run of this sweep created, by their key value, to go on logging to them."""
+        key = self.children.key
+        found: List[Any] = []
+        token = None
+        while True:
+            page = self._call(lambda: client.search_runs(
+                [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
+                order_by=["attributes.start_time ASC"], page_token=token), "find the child runs")
+            found.extend(page)
+            token = page.token
+            if not token:
+                break
+        for run in found:
+            tags = run.data.tags
+            if tags.get("sweep.child_key") != key or f"sweep.{key}" not in tags:
+                continue
+            value = _key_value(tags[f"sweep.{key}"])
+            if value in self._child_runs:  # two children for one value: the first created gets the rows
+                continue
+            self._child_runs[value] = run.info.run_id
+            self._child_status[value] = run.info.status
+            self._child_params[value] = dict(run.data.params)
+
+    def _child_entries(self, table: pa.Table) -> Dict[Any, List[tuple]]:
+        """(metric, value, step) of each key value in `table`, rows without a key or a step left out."""
+        spec = self.children
+        for column in (spec.key, spec.step):
+            if column not in table.column_names:
+                self._note(f"no column {column!r} in the results; no child run gets these rows")
+                return {}
+        columns = []
+        for name in dict.fromkeys([*self.metric_names, *spec.values]):
+            if name not in table.column_names:
+                if name in spec.values:
+                    self._note(f"no column {name!r} in the results; it is not logged to the child runs")
+                continue
+            kind = table.schema.field(name).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+                self._note(f"column {name!r} is {kind}, not a number; it is not logged to the child runs")
+                continue
+            columns.append(name)
+        keys = table.column(spec.key).to_pylist()
+        steps = table.column(spec.step).to_pylist()
+        rows: Dict[Any, List[int]] = {}
+        for i, (k, step) in enumerate(zip(keys, steps)):
+            if k is not None and step is not None:
+                rows.setdefault(k, []).append(i)
+        entries: Dict[Any, List[tuple]] = {k: [] for k in rows}
+        for name in columns:
+            values = table.column(name).to_pylist()
+            for k, index in rows.items():
+                _add_entries(entries[k], name, [values[i] for i in index], [steps[i] for i in index])
+        return entries
+
+    def _log_children(self, client, table: pa.Table) -> None:
+        for k, entries in self._child_entries(table).items():
+            run_id = self._child(client, k)
+            if run_id is None:
+                self.missed_metrics += len(entries)
+            else:
+                self._log_metrics(client, entries, run_id)
+
+    def _child(self, client, k: Any) -> Optional[str]:
+        """The run id of the child for key value `k`: created on its first row, or found and set running again.
+
+        Its tags and params go along once; what did not get through is tried again with its next rows.
+        """
+        from mlflow.entities import Param
+
+        spec = self.children
+        if k not in self._child_runs:
+            tags = {"mlflow.parentRunId": self.run_id, "sweep.child_key": spec.key, f"sweep.{spec.key}": str(k)}
+            made: List[Any] = []
+            if not self._try(lambda: made.append(client.create_run(self._experiment_id, tags=tags,
+                                                                     run_name=spec.name.format(k)))):
+                return None
+            self._child_runs[k] = made[0].info.run_id
+            self._child_status[k] = "RUNNING"
+            self._child_params[k] = {}
+            self._child_tags_due.add(k)
+        run_id = self._child_runs[k]
+        if k in self._child_ready:
+            return run_id
+        if k in self._child_tags_due:
+            stamp = self._stamp()
+            if all(self._try(lambda: client.log_batch(run_id, tags=stamp[i : i + MAX_TAGS_PER_BATCH]))
+                   for i in range(0, len(stamp), MAX_TAGS_PER_BATCH)):
+                self._child_tags_due.discard(k)
+        if self._child_status[k] != "RUNNING" and self._try(lambda: client.update_run(run_id, status="RUNNING")):
+            self._child_status[k] = "RUNNING"
+        # Params are logged once, as on the sweep's run: a reopened child keeps the values it has.
+        logged = self._child_params[k]
+        wanted = {name: _param_value(v) for name, v in spec.params.get(k, {}).items()}
+        changed = sorted(name for name, v in wanted.items() if name in logged and logged[name] != v)
+        if changed:
+            self._note(f"the reopened child run of {spec.key} {k} has other values for params {changed[:5]}; "
+                       f"they are kept as they were")
+        params = [Param(name, v) for name, v in wanted.items() if name not in logged]
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            chunk = params[i : i + MAX_PARAMS_PER_BATCH]
+            if self._try(lambda: client.log_batch(run_id, params=chunk)):
+                logged.update({p.key: p.value for p in chunk})
+        if k not in self._child_tags_due and self._child_status[k] == "RUNNING" and wanted.keys() <= logged.keys():
+            self._child_ready.add(k)
+        return run_id
+
+    def _note(self, text: str) -> None:
+        if text not in self._noted:
+            self._noted.add(text)
+            self._error(text)
 
     # -- retries -------------------------------------------------------------
     def _try(self, call: Callable[[], Any]) -> bool:
@@ -254,6 +418,24 @@ class MlflowSink:
         if not self._try(lambda: result.append(call())):
             raise RuntimeError(f"could not {what}")
         return result[0]
+
+
+def _add_entries(entries: List[tuple], name: str, values: Sequence[Any], steps: Sequence[int]) -> None:
+    """(name, value, step) for each value that is there, and a `NONFINITE_SUFFIX` flag beside NaN and ±inf."""
+    for value, step in zip(values, steps):
+        if value is None:
+            continue
+        entries.append((name, value, step))
+        if not math.isfinite(value):
+            entries.append((name + NONFINITE_SUFFIX, 1.0, step))
+
+
+def _key_value(text: str) -> Any:
+    """The key value a child's `sweep.<key>` tag holds: an int where it reads as one."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _param_value(value: Any) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from . import align, checkpoints, interpolate, landscape, merge, perturb
+from . import align, checkpoints, interpolate, landscape, merge, pbt, perturb, search
 
 STUDIES: Dict[str, ModuleType] = {
     "checkpoints": checkpoints,
@@ -17,6 +17,8 @@ STUDIES: Dict[str, ModuleType] = {
     "landscape": landscape,
     "merge": merge,
     "align": align,
+    "pbt": pbt,
+    "search": search,
 }
 
 

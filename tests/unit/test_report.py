@@ -379,6 +379,200 @@ def test_a_run_folder_whose_checkpoints_are_gone_still_reports(tmp_path):
     assert "barrier of loss (objective): 0.5 at α = 0.5 (lower is better)" in items
 
 
+# --------------------------------------------------------------------------- pbt and search
+
+
+@pytest.fixture
+def training_kinds(monkeypatch):
+    """Kinds pbt and search in the config's study union, where sweep.studies does not list them (yet)."""
+    import sweep.config as config
+    import sweep.studies as studies
+
+    if "pbt" in studies.STUDIES and "search" in studies.STUDIES:
+        return
+    from sweep.studies import pbt, search
+
+    monkeypatch.setitem(studies.STUDIES, "pbt", pbt)
+    monkeypatch.setitem(studies.STUDIES, "search", search)
+
+    class WithTraining(config.SweepConfig):
+        study: config._study_union()  # type: ignore[valid-type]
+
+    monkeypatch.setattr(config, "SweepConfig", WithTraining)
+
+
+def training_study(kind: str, population: int, generations: int, interval: int = 50) -> Dict[str, Any]:
+    """configs/pbt.yaml's (or search.yaml's) study section, sized."""
+    study = {"kind": kind, "population": population, "steps": generations * interval, "interval": interval,
+             "train": {"loader": "sweep.examples.digits:train_batches"}, "loss": "sweep.examples.digits:loss",
+             "optimizer": "sgd",
+             "hyperparameters": {"lr": {"distribution": "loguniform", "low": 0.001, "high": 1.0},
+                                 "momentum": {"distribution": "uniform", "low": 0.0, "high": 0.99},
+                                 "label_smoothing": 0.0},
+             "seed": 0}
+    if kind == "pbt":
+        study.update(quantile=0.25, perturbation_factors=[1.2, 0.8], resample_probability=0.25)
+    else:
+        study["method"] = "random"
+    return study
+
+
+def training_table(rows: List[tuple], population: int) -> pa.Table:
+    """Rows (generation, member, parent, lr, momentum, accuracy) as a pbt/search study writes them."""
+    columns = {"candidate_id": [g * population + m for g, m, *_ in rows],
+               "member": [m for _, m, *_ in rows], "generation": [g for g, *_ in rows],
+               "parent": [p for _, _, p, *_ in rows], "step": [(g + 1) * 50 for g, *_ in rows],
+               "lr": [r[3] for r in rows], "momentum": [r[4] for r in rows], "accuracy": [r[5] for r in rows],
+               "loss": [None if r[5] is None else 2.5 * (1 - r[5]) for r in rows]}
+    ints = {name: pa.int64() for name in ("member", "generation", "parent", "step")}
+    return results_table(columns, ints)
+
+
+#: A pbt run of 4 members × 4 generations with the exploits written out: m3 copies m0 after generation 0,
+#: m2 copies m3 after generation 1, m1 copies m2 after generation 2. Member 2 is the best of the last
+#: generation (accuracy 0.8) and its lineage is m0 → m3 → m2 → m2 (two switches). Generation 2's m3
+#: (0.85) beats it but is not of the last generation.
+PBT_ROWS = [
+    (0, 0, 0, 0.1, 0.9, 0.50), (0, 1, 1, 0.01, 0.5, 0.30), (0, 2, 2, 0.001, 0.1, 0.20), (0, 3, 3, 0.5, 0.3, 0.40),
+    (1, 0, 0, 0.1, 0.9, 0.60), (1, 1, 1, 0.01, 0.5, 0.35), (1, 2, 2, 0.001, 0.1, 0.25), (1, 3, 0, 0.12, 0.72, 0.62),
+    (2, 0, 0, 0.1, 0.9, 0.65), (2, 1, 1, 0.01, 0.5, 0.38), (2, 2, 3, 0.144, 0.864, 0.70), (2, 3, 3, 0.12, 0.72, 0.85),
+    (3, 0, 0, 0.1, 0.9, 0.70), (3, 1, 2, 0.1728, 0.6912, 0.75), (3, 2, 2, 0.144, 0.864, 0.80),
+    (3, 3, 3, 0.12, 0.72, 0.72),
+]
+
+
+def schedule_rows(page: str) -> List[List[str]]:
+    body = re.search(r'<table id="schedule">.*?<tbody>(.*?)</tbody>', page, re.S).group(1)
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
+
+
+def test_pbt_report_draws_the_lineage_and_gives_the_best_members_schedule(tmp_path, training_kinds):
+    config = config_dict("pbt", training_study("pbt", 4, 4), objective="accuracy", mode="max")
+    run_dir = make_run(tmp_path, config, training_table(PBT_ROWS, 4))
+    record = json.loads((run_dir / "run.json").read_text())
+    record["findings"] = {"best_member": 2, "best_member_accuracy": 0.8}
+    (run_dir / "run.json").write_text(json.dumps(record))
+    (run_dir / "best.safetensors").write_bytes(b"")
+
+    result = write_report(run_dir, mlflow=False)
+    assert result.warnings == []
+    names = sorted(p.name for p in result.figures)
+    assert names == ["hyperparameters.png", "lineage.png", "training.png"]
+    check_png(result.folder / "training.png")
+    check_png(result.folder / "lineage.png", min_height=500)
+    check_png(result.folder / "hyperparameters.png")
+    assert not (result.folder / "objective.png").exists()
+    page = result.html.read_text()
+    assert len(embedded_images(page)) == 3
+
+    best = re.search(r'<p id="best-member">(.*?)</p>', page, re.S).group(1)
+    assert "Member <b>2</b>" in best and "accuracy = <b>0.8</b>" in best and "generation 3" in best
+    assert "best.safetensors" in best
+    assert re.search(r'<p id="exploits">Exploits: <b>3</b> rows', page)
+    assert "switched members 2 times" in page
+    # the schedule, generation 0 first: generation, step, member, lr, momentum, accuracy
+    assert schedule_rows(page) == [["0", "50", "0", "0.1", "0.9", "0.5"],
+                                   ["1", "100", "3", "0.12", "0.72", "0.62"],
+                                   ["2", "150", "2", "0.144", "0.864", "0.7"],
+                                   ["3", "200", "2", "0.144", "0.864", "0.8"]]
+    assert "<th>label_smoothing</th>" not in page  # a constant, not searched
+    # the best rows are the last generation's only (generation 2's 0.85 is not among them)
+    assert "Best 4 rows of the last generation (3) by accuracy" in page
+    assert "Only the rows of the last generation (3) are ranked" in page
+    assert table_ids(page, "best") == [14, 13, 15, 12]
+    # lr and momentum are recipe columns, not metrics
+    head = re.search(r'<table id="best">\s*<thead>(.*?)</thead>', page, re.S).group(1)
+    assert re.findall(r"<th>(.*?)</th>", head) == ["candidate_id", "member", "generation", "parent", "step", "lr",
+                                                   "momentum", "accuracy", "loss"]
+    assert any("member 2, accuracy = 0.8" in item for item in summary_items(page))
+
+
+def test_pbt_report_warns_when_findings_disagree_and_a_lineage_is_broken(tmp_path, training_kinds):
+    rows = [r for r in PBT_ROWS if (r[0], r[1]) != (1, 3)]  # member 3's row of generation 1 is gone
+    config = config_dict("pbt-broken", training_study("pbt", 4, 4), objective="accuracy", mode="max")
+    run_dir = make_run(tmp_path, config, training_table(rows, 4))
+    record = json.loads((run_dir / "run.json").read_text())
+    record["findings"] = {"best_member": 1}
+    (run_dir / "run.json").write_text(json.dumps(record))
+
+    result = write_report(run_dir, mlflow=False)
+    assert len(result.warnings) == 2, result.warnings
+    assert "lineage of the best member (2) cannot be followed" in result.warnings[0]
+    assert "continued from member 3, which has no row at generation 1" in result.warnings[0]
+    assert "findings name member 1 as the best, but the results rank member 2 first" in result.warnings[1]
+    assert {p.name for p in result.figures} == {"training.png", "lineage.png", "hyperparameters.png"}
+    page = result.html.read_text()
+    assert "Its lineage cannot be followed" in page and '<table id="schedule">' not in page
+
+
+def test_search_report_has_no_lineage_tree(tmp_path, training_kinds):
+    lrs, momenta = [0.003, 0.03, 0.3], [0.2, 0.5, 0.8]
+    final = [0.6, 0.9, 0.7]  # member 1 is the best
+    rows = [(g, m, m, lrs[m], momenta[m], final[m] * (g + 1) / 3) for g in range(3) for m in range(3)]
+    rows[0] = (0, 0, 0, lrs[0], momenta[0], None)  # a failed row is counted, not drawn
+    table = training_table(rows, 3)
+    table = table.set_column(1, "status", pa.array(["failed"] + ["ok"] * 8, pa.string()))
+    config = config_dict("search", training_study("search", 3, 3), objective="accuracy", mode="max")
+    run_dir = make_run(tmp_path, config, table)
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "lineage.png").write_bytes(PNG_SIGNATURE)  # a stale figure goes
+
+    result = write_report(run_dir, mlflow=False)
+    assert result.warnings == []
+    assert sorted(p.name for p in result.figures) == ["hyperparameters.png", "training.png"]
+    assert not (result.folder / "lineage.png").exists()
+    check_png(result.folder / "training.png")
+    check_png(result.folder / "hyperparameters.png")
+    page = result.html.read_text()
+    assert "Member <b>1</b>" in page and 'id="exploits"' not in page
+    assert schedule_rows(page) == [[str(g), str(50 * (g + 1)), "1", "0.03", "0.5", f"{0.9 * (g + 1) / 3:.6g}"]
+                                   for g in range(3)]
+    assert table_ids(page, "best") == [7, 8, 6]
+    assert "Invalid and failed rows (1)" in page
+
+
+def simulated_pbt(population: int = 16, generations: int = 20, seed: int = 0) -> pa.Table:
+    """A pbt run as the driver would write it: accuracy grows faster the nearer lr is to 0.1 and
+    momentum to 0.9; after each generation the bottom quarter copy a random top-quarter member and
+    perturb its hyperparameters by 1.2 or 0.8."""
+    rng = np.random.default_rng(seed)
+    lr = np.exp(rng.uniform(np.log(1e-3), np.log(1.0), population))
+    momentum = rng.uniform(0.0, 0.99, population)
+    skill = np.zeros(population)
+    parent = np.arange(population)
+    rows = []
+    for g in range(generations):
+        rate = 0.12 * np.exp(-np.log10(lr / 0.1) ** 2) * (0.4 + 0.6 * np.exp(-((momentum - 0.9) / 0.4) ** 2))
+        rate = np.where(lr > 0.6, -0.2, rate)  # too large a step diverges
+        skill = np.maximum(0.0, skill + rate + rng.normal(0, 0.01, population))
+        accuracy = np.clip(0.1 + 0.88 * (1 - np.exp(-skill)) + rng.normal(0, 0.005, population), 0.0, 1.0)
+        for m in range(population):
+            rows.append((g, m, int(parent[m]), float(lr[m]), float(momentum[m]), float(accuracy[m])))
+        order = np.argsort(-accuracy)
+        k = max(1, population // 4)
+        parent = np.arange(population)
+        for receiver in order[-k:]:
+            donor = int(rng.choice(order[:k]))
+            parent[receiver] = donor
+            skill[receiver] = skill[donor]
+            lr[receiver] = lr[donor] * rng.choice([1.2, 0.8])
+            momentum[receiver] = min(0.99, momentum[donor] * rng.choice([1.2, 0.8]))
+    return training_table(rows, population)
+
+
+def test_a_realistic_pbt_run_reports(tmp_path, training_kinds):
+    table = simulated_pbt()
+    config = config_dict("pbt-digits", training_study("pbt", 16, 20), objective="accuracy", mode="max")
+    result = write_report(make_run(tmp_path, config, table), mlflow=False)
+    assert result.warnings == []
+    for path in result.figures:
+        check_png(path)
+    page = result.html.read_text()
+    assert len(schedule_rows(page)) == 20
+    exploits = int(re.search(r'<p id="exploits">Exploits: <b>(\d+)</b>', page).group(1))
+    assert exploits == 19 * 4
+
+
 # --------------------------------------------------------------------------- MLflow
 
 

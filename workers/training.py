@@ -1,0 +1,192 @@
+"""Drive a training study (`pbt`, `search`): the population sharded across workers, generation by generation.
+
+Each worker holds a contiguous shard of the members on its device. A
+generation is one call per worker (train `interval` steps, evaluate every
+member); the driver gathers the rows, writes them, and — for `pbt` — decides
+the exploits with the study's generator. A receiver on the donor's worker
+copies the donor's row on the device; a receiver elsewhere gets the donor's
+state through the object store (exported by the donor's worker, handed to the
+receiver's worker as an object reference: the driver never holds it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from sweep.config import SweepConfig, check_metric_names
+from sweep.errors import SweepError
+from sweep.results import Tally, results_schema
+
+from .trainer import RemoteTrainWorker
+
+log = logging.getLogger("sweep")
+
+
+def shards(population: int, workers: int) -> List[List[int]]:
+    """Contiguous, near-equal shards of the member ids 0 … population − 1."""
+    workers = max(1, min(workers, population))
+    bounds = np.linspace(0, population, workers + 1).round().astype(int)
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(workers)]
+
+
+def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: Optional[bytes],
+          open_sinks: Callable[[pa.Schema, List[str]], List[Any]], progress: Any,
+          on_batch: Optional[Callable[[int, int], None]]) -> Tuple[Dict[str, Any], Tally, List[Any], Dict[str, float]]:
+    """Run the study to the end (or the first error); the sinks are closed with the summary either way.
+
+    Returns (summary, tally, sinks, findings).
+    """
+    options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
+    spec = config.to_dict()
+    weights_ref = ray.put(weights) if weights is not None else None
+    groups = shards(study.population, count)
+    hyper = study.hyper_values()
+    owner = {m: w for w, members in enumerate(groups) for m in members}
+    workers = [
+        RemoteTrainWorker.options(name=f"sweep:{config.name}:train-{i}", **options).remote(
+            spec, weights_ref, config.model.weights or "", members, {n: [v[m] for m in members] for n, v in hyper.items()})
+        for i, members in enumerate(groups)
+    ]
+    sinks: List[Any] = []
+    tally: Optional[Tally] = None
+    findings: Dict[str, float] = {}
+    completed = False
+    try:
+        try:
+            infos = ray.get([w.describe.remote() for w in workers])
+        except ray.exceptions.RayActorError as e:
+            raise SweepError(f"a training worker could not start: {_cause(e)}") from None
+        errors = [i["error"] for i in infos if i["error"]]
+        if errors:
+            raise SweepError(errors[0])
+        metric_names = infos[0]["metric_names"]
+        if config.sinks.mlflow.enabled:
+            check_metric_names(metric_names)
+        objective = config.metrics.objective or (metric_names[0] if metric_names else None)
+        if objective is not None and objective not in metric_names:
+            raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
+        study.bind(objective, config.metrics.mode, metric_names)
+        sinks = open_sinks(results_schema(study.columns, metric_names), metric_names)
+        tally = Tally(objective, config.metrics.mode, label="member")
+        parents = {m: m for m in range(study.population)}
+        current = {m: {n: hyper[n][m] for n in hyper} for m in range(study.population)}
+        scores: Dict[int, float] = {}
+        with progress:
+            for generation in range(study.generations):
+                try:
+                    tables = ray.get([w.generation.remote(study.interval) for w in workers])
+                except ray.exceptions.RayActorError as e:
+                    raise SweepError(f"a training worker died in generation {generation} ({_cause(e)}); its members' "
+                                     f"weights were only on it: run the study again") from None
+                table = _rows(pa.concat_tables(tables), generation, study, parents, current)
+                for sink in sinks:
+                    sink.write(table)
+                tally.update(table)
+                study.observe(table)
+                progress.advance(table.num_rows)
+                if on_batch is not None:
+                    on_batch(tally.done, len(study))
+                scores = _scores(table, objective)
+                parents = {m: m for m in range(study.population)}
+                if study.exploit and generation < study.generations - 1:
+                    moves = study.next_generation(scores, current)
+                    _exploit(moves, workers, owner)
+                    for receiver, donor, values in moves:
+                        parents[receiver] = donor
+                        current[receiver] = {**current[donor], **values}
+        findings = _best(study, workers, owner, scores, run_dir)
+        completed = True
+    finally:
+        summary = tally.summary() if tally is not None else {}
+        summary.update(findings)
+        summary["completed"] = completed
+        summary["workers"] = len(workers)
+        for sink in sinks:
+            sink.close(summary)
+        for w in workers:
+            ray.kill(w)
+    return summary, tally, sinks, findings
+
+
+def _cause(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _rows(table: pa.Table, generation: int, study: Any, parents: Dict[int, int],
+          current: Dict[int, Dict[str, float]]) -> pa.Table:
+    """The workers' rows with the study's columns: member, generation, parent, step, the hyperparameters."""
+    members = table.column("candidate_id").to_pylist()
+    table = table.set_column(0, "candidate_id",
+                             pa.array([generation * study.population + m for m in members], pa.int64()))
+    columns = {
+        "member": pa.array(members, pa.int64()),
+        "generation": pa.array([generation] * len(members), pa.int64()),
+        "parent": pa.array([parents[m] for m in members], pa.int64()),
+        "step": pa.array([(generation + 1) * study.interval] * len(members), pa.int64()),
+    }
+    for name in study.hyper_names:
+        values = [current[m][name] for m in members]
+        columns[name] = pa.array([int(v) for v in values] if pa.types.is_integer(study.columns[name]) else values,
+                                 study.columns[name])
+    for name, values in columns.items():
+        table = table.append_column(name, values)
+    return table.sort_by("candidate_id")
+
+
+def _scores(table: pa.Table, objective: Optional[str]) -> Dict[int, float]:
+    """Each member's objective this generation (NaN where not ok or not finite: ranked last)."""
+    ok = pc.equal(table.column("status"), "ok").to_pylist()
+    values = table.column(objective).to_pylist() if objective in table.column_names else [None] * table.num_rows
+    return {m: (v if okay and v is not None else float("nan"))
+            for m, okay, v in zip(table.column("member").to_pylist(), ok, values)}
+
+
+def _exploit(moves: List[tuple], workers: List[Any], owner: Dict[int, int]) -> None:
+    """Receivers take their donors' rows: on the device within a worker, via the object store across."""
+    local: Dict[int, List[Tuple[int, int]]] = {}
+    remote: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+    for receiver, donor, _ in moves:
+        a, b = owner[donor], owner[receiver]
+        if a == b:
+            local.setdefault(b, []).append((receiver, donor))
+        else:
+            remote.setdefault((a, b), []).append((receiver, donor))
+    calls = []
+    # Exports first: donors are never receivers in one round (top and bottom quantiles are disjoint).
+    exports = {key: workers[key[0]].export.remote([d for _, d in pairs]) for key, pairs in remote.items()}
+    for b, pairs in local.items():
+        calls.append(workers[b].copy.remote(pairs))
+    for (a, b), pairs in remote.items():
+        calls.append(workers[b].load.remote([r for r, _ in pairs], exports[(a, b)]))
+    hyper: Dict[int, Dict[int, Dict[str, float]]] = {}
+    for receiver, _, values in moves:
+        hyper.setdefault(owner[receiver], {})[receiver] = values
+    for b, values in hyper.items():
+        calls.append(workers[b].set_hyper.remote(values))
+    ray.get(calls)
+
+
+def _best(study: Any, workers: List[Any], owner: Dict[int, int], scores: Dict[int, float],
+          run_dir: Path) -> Dict[str, float]:
+    """Save the best member of the last generation as `best.safetensors`; its numbers for the summary."""
+    finite = {m: v for m, v in scores.items() if v == v}
+    if not finite:
+        return {}
+    pick = max if study.mode == "max" else min
+    best = pick(sorted(finite), key=lambda m: finite[m])
+    from safetensors.torch import save_file
+
+    state = ray.get(workers[owner[best]].state_dict.remote(best))
+    path = run_dir / "best.safetensors"
+    temporary = path.with_name(".best.safetensors.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(temporary), metadata={"member": str(best)})
+    temporary.replace(path)
+    return {"best_member": float(best), f"best_member_{study.objective}": finite[best]}
