@@ -68,7 +68,8 @@ def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: O
             raise SweepError(errors[0])
         metric_names = infos[0]["metric_names"]
         if config.sinks.mlflow.enabled:
-            check_metric_names(metric_names)
+            # The members' child runs log the hyperparameters as metrics too.
+            check_metric_names([*metric_names, *study.hyper_names])
         objective = config.metrics.objective or (metric_names[0] if metric_names else None)
         if objective is not None and objective not in metric_names:
             raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")

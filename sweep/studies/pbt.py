@@ -16,8 +16,7 @@ Kind `search` (sweep/studies/search.py) is the same training without exploit.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -93,8 +92,6 @@ class TrainingConfig(Section):
     def _shape(self) -> "TrainingConfig":
         if self.steps % self.interval:
             raise ValueError(f"steps ({self.steps}) must be a multiple of interval ({self.interval})")
-        if not any(isinstance(v, Distribution) for v in self.hyperparameters.values()) and self.population > 1:
-            pass  # identical hyperparameters, different starts: a seed study, allowed
         return self
 
 
@@ -199,13 +196,3 @@ class PBT(Training):
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> PBT:
     return PBT(config, context)
-
-
-def train_batches_of(config: TrainingConfig) -> Callable[[], Any]:
-    from ..model import import_callable
-
-    return lambda: import_callable(config.train.loader)(**config.train.kwargs)
-
-
-def check_finite_scores(scores: Dict[int, float]) -> Dict[int, float]:
-    return {m: (v if v is not None and math.isfinite(v) else float("nan")) for m, v in scores.items()}

@@ -38,6 +38,9 @@ class Search(Training):
                 raise ConfigError(f"study.hyperparameters: the grid has {size} combinations, more than {MAX_POPULATION}")
             initial = [dict(zip(dims, combo)) for combo in itertools.product(*axes)]
             population = len(initial)
+            if "population" in config.model_fields_set and config.population != population:
+                raise ConfigError(f"study.population: the grid has {population} combinations, the config asks for "
+                                  f"{config.population}; leave population out with method: grid")
         else:
             rng = np.random.default_rng(config.seed)
             initial = [{n: d.sample(rng) for n, d in dims.items()} for _ in range(config.population)]

@@ -9,10 +9,12 @@ import json
 import pyarrow.dataset as ds
 import pytest
 import torch
+import yaml
 
 from sweep.examples import digits
 from sweep.model import build_module, read_weights_file
-from tests.conftest import digits_reference, sweep_cli
+from sweep.config import parse_config
+from tests.conftest import digits_reference, sweep_cli, with_changes
 from tests.integration.test_recipe_studies import load
 from workers.driver import run
 
@@ -101,8 +103,10 @@ def test_search_trains_without_exploit_and_logs_one_child_run_per_member(repo, t
                "study.method": "grid", "study.steps": 30,
                "study.hyperparameters": {"lr": {"distribution": "loguniform", "low": 0.01, "high": 0.5, "num": 2},
                                          "momentum": {"distribution": "choice", "values": [0.0, 0.9]}}}
-    del changes["study.quantile"]
-    config = load(repo, "search.yaml", **changes)
+    del changes["study.quantile"], changes["study.population"]  # a grid's population is its size
+    raw = yaml.safe_load((repo / "configs" / "search.yaml").read_text())
+    del raw["study"]["population"]
+    config = parse_config(with_changes(raw, changes), base_dir=repo / "configs")
     result = run(config, tmp_path, progress=False)
     table = rows(result)
     assert len(table) == 4 * 3 and all(r["parent"] == r["member"] for r in table)

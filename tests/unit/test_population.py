@@ -163,8 +163,10 @@ def test_exploit_pairs_quantiles_nan_and_random_ties():
     assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
 
 
-def load(file: str, **changes):
+def load(file: str, drop=(), **changes):
     raw = yaml.safe_load((REPO / "configs" / file).read_text())
+    for key in drop:
+        del raw["study"][key]
     for dotted, value in changes.items():
         node = raw
         *parents, last = dotted.split(".")
@@ -194,17 +196,21 @@ def test_pbt_plan_is_reproducible_and_explores_from_the_donor():
 
 
 def test_search_grid_trains_every_combination():
-    config = load("search.yaml", **{"study.method": "grid",
-                                    "study.hyperparameters": {"lr": {"distribution": "loguniform", "low": 0.01,
-                                                                     "high": 1.0, "num": 3},
-                                                              "momentum": {"distribution": "choice",
-                                                                           "values": [0.0, 0.9]}}})
+    asks_16 = load("search.yaml", **GRID)
+    with pytest.raises(ConfigError, match="study.population: the grid has 6 combinations"):
+        plan(asks_16.study, context(asks_16))
+    config = load("search.yaml", drop=["population"], **GRID)
     study = plan(config.study, context(config))
     assert study.population == 6 and len(study) == 6 * 20
     values = study.hyper_values()
     pairs = sorted(zip(values["lr"], values["momentum"]))
     assert pairs == sorted((lr, m) for lr in (0.01, 0.1, 1.0) for m in (0.0, 0.9))
     assert not study.exploit
+
+
+GRID = {"study.method": "grid",
+        "study.hyperparameters": {"lr": {"distribution": "loguniform", "low": 0.01, "high": 1.0, "num": 3},
+                                  "momentum": {"distribution": "choice", "values": [0.0, 0.9]}}}
 
 
 @pytest.mark.parametrize("changes, field", [
