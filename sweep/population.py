@@ -1,7 +1,8 @@
 """A population of models trained side by side on one device.
 
-Members are rows of stacked tensors `[M, *shape]`. One training step is
-`vmap(grad(loss))` over the rows plus a vectorised optimiser update whose
+Members are rows of stacked tensors `[M, *shape]`. One training step is one
+vmapped forward of every member and one backward (each member's gradient
+lands in its own row) plus a vectorised optimiser update whose
 hyperparameters are tensors `[M]`, one value per member, so the whole
 population trains in one pass. Exploit is a row copy (weights and optimiser
 state); explore changes a member's hyperparameter values.
@@ -19,7 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 # --------------------------------------------------------------------------- hyperparameter space
 
@@ -89,53 +90,43 @@ OPTIMIZERS: Dict[str, Dict[str, float]] = {
 }
 
 
-def _per_member(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[M] → [M, 1, …, 1], broadcasting against a stacked tensor [M, *shape]."""
-    return value.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-def optimizer_state(name: str, params: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Zeroed state for stacked `params`: keys `<slot>/<param>` ([M, *shape]) and `step` ([M])."""
-    m = next(iter(params.values())).shape[0]
-    state: Dict[str, torch.Tensor] = {"step": torch.zeros(m, dtype=torch.float32, device=next(iter(params.values())).device)}
-    slots = ("momentum_buffer",) if name == "sgd" else ("exp_avg", "exp_avg_sq")
-    for slot in slots:
-        for n, p in params.items():
-            state[f"{slot}/{n}"] = torch.zeros_like(p)
+def optimizer_state(name: str, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Zeroed state for the members' flat weights [M, P]: each slot [M, P], and `step` [M, 1]."""
+    state: Dict[str, torch.Tensor] = {"step": torch.zeros((flat.shape[0], 1), dtype=torch.float32, device=flat.device)}
+    for slot in (("momentum_buffer",) if name == "sgd" else ("exp_avg", "exp_avg_sq")):
+        state[slot] = torch.zeros_like(flat)
     return state
 
 
 @torch.no_grad()
-def optimizer_step(name: str, params: Dict[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
-                   state: Dict[str, torch.Tensor], hp: Mapping[str, torch.Tensor]) -> None:
-    """One update of every member, in place; `hp[name]` is [M] (one value per member)."""
+def optimizer_step(name: str, flat: torch.Tensor, grad: torch.Tensor, state: Dict[str, torch.Tensor],
+                   hp: Mapping[str, torch.Tensor]) -> None:
+    """One update of every member's flat weights [M, P] in place; `hp[name]` is [M, 1] (a value per member).
+
+    The arithmetic is torch.optim's, member by member: SGD (dampening 0, no
+    Nesterov), Adam (L2 weight decay added to the gradient) and AdamW
+    (decoupled weight decay).
+    """
     state["step"] += 1
-    step = state["step"]
-    for n, p in params.items():
-        g = grads[n]
-        lr = _per_member(hp["lr"], p)
-        wd = _per_member(hp["weight_decay"], p)
-        if name == "sgd":
-            # torch.optim.SGD (dampening 0, no Nesterov): g += wd·p; buf = momentum·buf + g; p −= lr·buf.
-            g = g + wd * p
-            buf = state[f"momentum_buffer/{n}"]
-            buf.mul_(_per_member(hp["momentum"], p)).add_(g)
-            p.sub_(lr * buf)
-            continue
-        beta1, beta2 = _per_member(hp["beta1"], p), _per_member(hp["beta2"], p)
-        eps = _per_member(hp["eps"], p)
-        if name == "adamw":
-            p.mul_(1 - lr * wd)
-        else:
-            g = g + wd * p
-        exp_avg, exp_avg_sq = state[f"exp_avg/{n}"], state[f"exp_avg_sq/{n}"]
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g * (1 - beta2))
-        t = _per_member(step, p)
-        bias_correction1 = 1 - beta1 ** t
-        bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.sub_((lr / bias_correction1) * exp_avg / denom)
+    lr, wd = hp["lr"], hp["weight_decay"]
+    if name == "sgd":
+        # g += wd·p; buf = momentum·buf + g; p −= lr·buf
+        buf = state["momentum_buffer"]
+        buf.mul_(hp["momentum"]).add_(grad + wd * flat)
+        flat.sub_(lr * buf)
+        return
+    beta1, beta2, eps, step = hp["beta1"], hp["beta2"], hp["eps"], state["step"]
+    if name == "adamw":
+        flat.mul_(1 - lr * wd)
+    else:
+        grad = grad + wd * flat
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad * (1 - beta2))
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    flat.sub_((lr / bias_correction1) * exp_avg / denom)
 
 
 # --------------------------------------------------------------------------- the population
@@ -175,6 +166,10 @@ class Population:
     `batches` are (x, y) pairs, used in order and cycled: every member sees
     the same batches, so members differ only by their start and their
     hyperparameters.
+
+    Each member's weights are one row of a flat [M, P] tensor (`params` holds
+    views of it by name), as is each optimiser slot, so an update is a few
+    whole-population operations and an exploit copies three rows.
     """
 
     def __init__(self, module: torch.nn.Module, ids: Sequence[int], init: Mapping[str, torch.Tensor],
@@ -187,31 +182,63 @@ class Population:
         self.ids = list(ids)
         self.index = {member: i for i, member in enumerate(self.ids)}
         self.optimizer = optimizer
-        self.params = {n: init[n].detach().to(device, torch.float32).clone() for n in init}
         m = len(self.ids)
-        for n, p in self.params.items():
-            if p.shape[0] != m:
-                raise ValueError(f"init['{n}'] has {p.shape[0]} rows for {m} members")
+        for n, t in init.items():
+            if t.shape[0] != m:
+                raise ValueError(f"init['{n}'] has {t.shape[0]} rows for {m} members")
+        self.names = list(init)
+        self.shapes = [tuple(init[n].shape[1:]) for n in self.names]
+        self.flat = torch.cat([init[n].detach().to(device, torch.float32).reshape(m, -1) for n in self.names], dim=1)
+        self.params = self._views(self.flat)
         self.buffers = {n: b.detach().to(device) for n, b in module.named_buffers()}
-        self.state = optimizer_state(optimizer, self.params)
+        self.state = optimizer_state(optimizer, self.flat)
         self.loss = loss
         self.loss_names = [n for n in hyper if n not in OPTIMIZERS[optimizer]]
-        self.hyper: Dict[str, torch.Tensor] = {}
+        self.hyper: Dict[str, torch.Tensor] = {}  # each [M, 1]
         for n, default in OPTIMIZERS[optimizer].items():
-            self.hyper[n] = torch.full((m,), default, dtype=torch.float32, device=device)
+            self.hyper[n] = torch.full((m, 1), default, dtype=torch.float32, device=device)
         for n, values in hyper.items():
-            self.hyper[n] = torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32).to(device)
-            if self.hyper[n].shape != (m,):
-                raise ValueError(f"hyperparameter '{n}' has {self.hyper[n].shape[0]} values for {m} members")
+            column = torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32)
+            if column.shape != (m,):
+                raise ValueError(f"hyperparameter '{n}' has {column.shape[0]} values for {m} members")
+            self.hyper[n] = column.reshape(m, 1).to(device)
         self.batches = [(x.to(device), y.to(device)) for x, y in batches]
         if not self.batches:
             raise ValueError("the training loader gave no batches")
         self.steps_done = 0
-        self._grad = vmap(grad(self._loss), in_dims=(0, None, None, 0), randomness="different")
+        self._losses = vmap(self._loss, in_dims=(0, None, None, 0), randomness="different")
+
+    def _views(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{name: [M, *shape]} views of a flat [M, P] tensor."""
+        out, offset = {}, 0
+        for n, shape in zip(self.names, self.shapes):
+            size = int(np.prod(shape)) if shape else 1
+            out[n] = flat[:, offset:offset + size].view((flat.shape[0],) + shape)
+            offset += size
+        return out
 
     def _loss(self, params: Dict[str, torch.Tensor], x: Any, y: Any, loss_hp: Dict[str, torch.Tensor]) -> torch.Tensor:
         out = functional_call(self.module, {**params, **self.buffers}, (x,))
         return self.loss(out, y, **loss_hp)
+
+    def flat_gradient(self, x: Any, y: Any) -> torch.Tensor:
+        """Every member's gradient on one batch, [M, P].
+
+        The members' losses come from one vmapped forward; the gradient of
+        their sum is each member's own gradient in its own row (a member's
+        loss depends on its row only). Plain autograd on a vmapped forward
+        matches `vmap(grad(...))` and spares its per-process start-up
+        (torch.func's grad imports torch._dynamo on first use: about a second).
+        """
+        leaf = self.flat.detach().requires_grad_()
+        loss_hp = {n: self.hyper[n].reshape(-1) for n in self.loss_names}
+        losses = self._losses(self._views(leaf), x, y, loss_hp)
+        (gradient,) = torch.autograd.grad(losses.sum(), leaf)
+        return gradient
+
+    def gradients(self, x: Any, y: Any) -> Dict[str, torch.Tensor]:
+        """Every member's gradient on one batch, by parameter name ([M, *shape] each)."""
+        return self._views(self.flat_gradient(x, y))
 
     def train(self, steps: int) -> None:
         """`steps` vectorised steps of every member (the module in training mode meanwhile)."""
@@ -220,9 +247,7 @@ class Population:
         try:
             for _ in range(steps):
                 x, y = self.batches[self.steps_done % len(self.batches)]
-                loss_hp = {n: self.hyper[n] for n in self.loss_names}
-                grads = self._grad(self.params, x, y, loss_hp)
-                optimizer_step(self.optimizer, self.params, grads, self.state, self.hyper)
+                optimizer_step(self.optimizer, self.flat, self.flat_gradient(x, y), self.state, self.hyper)
                 self.steps_done += 1
         finally:
             for mod, mode in modes:
@@ -240,7 +265,7 @@ class Population:
             out.append(Member(
                 params={n: p[i].detach().cpu().clone() for n, p in self.params.items()},
                 state={n: s[i].detach().cpu().clone() for n, s in self.state.items()},
-                hyper={n: float(h[i]) for n, h in self.hyper.items()},
+                hyper={n: float(h[i, 0]) for n, h in self.hyper.items()},
             ))
         return out
 
@@ -254,25 +279,24 @@ class Population:
             s[i].copy_(state.state[n])
         for n, h in self.hyper.items():
             if n in state.hyper:
-                h[i] = state.hyper[n]
+                h[i, 0] = state.hyper[n]
 
     @torch.no_grad()
     def copy(self, donor: int, receiver: int) -> None:
         """Exploit within this population: the receiver's row becomes the donor's, on the device."""
         d, r = self.index[donor], self.index[receiver]
-        for tensors in (self.params, self.state, self.hyper):
-            for t in tensors.values():
-                t[r] = t[d]
+        for t in (self.flat, *self.state.values(), *self.hyper.values()):
+            t[r] = t[d]
 
     @torch.no_grad()
     def set_hyper(self, member: int, values: Mapping[str, float]) -> None:
         i = self.index[member]
         for n, v in values.items():
-            self.hyper[n][i] = v
+            self.hyper[n][i, 0] = v
 
     def hyper_of(self, member: int) -> Dict[str, float]:
         i = self.index[member]
-        return {n: float(h[i]) for n, h in self.hyper.items()}
+        return {n: float(h[i, 0]) for n, h in self.hyper.items()}
 
 
 # --------------------------------------------------------------------------- exploit

@@ -21,12 +21,16 @@ def resolve_device(requested: str, gpus: float) -> torch.device:
 
 
 def build_evaluator(config: SweepConfig, weights: Optional[Dict[str, torch.Tensor]] = None,
-                    device: Optional[torch.device] = None) -> Evaluator:
-    """The module from its factory (and weights), the data from its loader, ready on `device`."""
+                    device: Optional[torch.device] = None, chunk_size: Optional[int] = None) -> Evaluator:
+    """The module from its factory (and weights), the data from its loader, ready on `device`.
+
+    `chunk_size` stands in for `evaluation.chunk_size: auto` when the caller knows better
+    (a population shard: all its members in one chunk).
+    """
     module = build_module(config.model.factory, config.model.kwargs, weights, seed=config.model.seed)
     device = device or resolve_device(config.workers.device, config.workers.gpus)
     data = import_callable(config.data.loader)(**config.data.kwargs)
     metrics = import_callable(config.metrics.function)
     e = config.evaluation
     return Evaluator(module, data, metrics, device=device, precision=e.precision, compile=e.compile,
-                     chunk_size=None if e.chunk_size == "auto" else e.chunk_size)
+                     chunk_size=chunk_size if e.chunk_size == "auto" else e.chunk_size)

@@ -27,7 +27,8 @@ class TrainWorker:
         torch.set_num_threads(max(1, int(cfg.workers.cpus)))
         device = resolve_device(cfg.workers.device, cfg.workers.gpus)
         tensors = load_weights(weights, weights_name) if weights is not None else None
-        self.evaluator = build_evaluator(cfg, tensors, device)
+        # Every member of the shard in one evaluation chunk: no start-up measurement of chunk sizes.
+        self.evaluator = build_evaluator(cfg, tensors, device, chunk_size=len(members))
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
         self.node = ray.get_runtime_context().get_node_id()
         self.members = list(members)
@@ -58,8 +59,12 @@ class TrainWorker:
         return {"worker": self.name, "node": self.node, "pid": os.getpid(), "device": str(self.evaluator.device),
                 "metric_names": list(self.metric_names), "members": self.members, "error": self.setup_error}
 
-    def generation(self, steps: int) -> pa.Table:
-        """Train every member `steps` steps, then evaluate each: rows keyed by member."""
+    def generation(self, steps: int, copies: Sequence[Tuple[int, int]] = (),
+                   hyper: Optional[Dict[int, Dict[str, float]]] = None) -> pa.Table:
+        """Apply the last exploit (`copies` within this shard, then the explored `hyper` values),
+        train every member `steps` steps, then evaluate each: rows keyed by member."""
+        self.copy(copies)
+        self.set_hyper(hyper or {})
         start = time.perf_counter()
         self.population.train(steps)
         trained = time.perf_counter() - start

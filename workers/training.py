@@ -79,10 +79,12 @@ def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: O
         parents = {m: m for m in range(study.population)}
         current = {m: {n: hyper[n][m] for n in hyper} for m in range(study.population)}
         scores: Dict[int, float] = {}
+        # What each worker applies before its next generation: (copies within it, explored values).
+        pending: List[Tuple[List[Tuple[int, int]], Dict[int, Dict[str, float]]]] = [([], {}) for _ in workers]
         with progress:
             for generation in range(study.generations):
                 try:
-                    tables = ray.get([w.generation.remote(study.interval) for w in workers])
+                    tables = ray.get([w.generation.remote(study.interval, *pending[i]) for i, w in enumerate(workers)])
                 except ray.exceptions.RayActorError as e:
                     raise SweepError(f"a training worker died in generation {generation} ({_cause(e)}); its members' "
                                      f"weights were only on it: run the study again") from None
@@ -96,9 +98,10 @@ def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: O
                     on_batch(tally.done, len(study))
                 scores = _scores(table, objective)
                 parents = {m: m for m in range(study.population)}
+                pending = [([], {}) for _ in workers]
                 if study.exploit and generation < study.generations - 1:
                     moves = study.next_generation(scores, current)
-                    _exploit(moves, workers, owner)
+                    pending = _exploit(moves, workers, owner)
                     for receiver, donor, values in moves:
                         parents[receiver] = donor
                         current[receiver] = {**current[donor], **values}
@@ -150,29 +153,30 @@ def _scores(table: pa.Table, objective: Optional[str]) -> Dict[int, float]:
             for m, okay, v in zip(table.column("member").to_pylist(), ok, values)}
 
 
-def _exploit(moves: List[tuple], workers: List[Any], owner: Dict[int, int]) -> None:
-    """Receivers take their donors' rows: on the device within a worker, via the object store across."""
-    local: Dict[int, List[Tuple[int, int]]] = {}
+def _exploit(moves: List[tuple], workers: List[Any], owner: Dict[int, int]
+             ) -> List[Tuple[List[Tuple[int, int]], Dict[int, Dict[str, float]]]]:
+    """Receivers take their donors' rows: across workers through the object store now, within a
+    worker (and the explored values) with its next generation call.
+
+    Nothing here waits: a worker runs its calls in the order they were sent,
+    so a donor's export runs before its worker's next generation, and a
+    receiver's load before its worker's. Donors are never receivers in one
+    round (the top and bottom quantiles are disjoint).
+    """
+    local: List[List[Tuple[int, int]]] = [[] for _ in workers]
     remote: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
-    for receiver, donor, _ in moves:
+    hyper: List[Dict[int, Dict[str, float]]] = [{} for _ in workers]
+    for receiver, donor, values in moves:
         a, b = owner[donor], owner[receiver]
         if a == b:
-            local.setdefault(b, []).append((receiver, donor))
+            local[b].append((receiver, donor))
         else:
             remote.setdefault((a, b), []).append((receiver, donor))
-    calls = []
-    # Exports first: donors are never receivers in one round (top and bottom quantiles are disjoint).
-    exports = {key: workers[key[0]].export.remote([d for _, d in pairs]) for key, pairs in remote.items()}
-    for b, pairs in local.items():
-        calls.append(workers[b].copy.remote(pairs))
+        hyper[b][receiver] = values
     for (a, b), pairs in remote.items():
-        calls.append(workers[b].load.remote([r for r, _ in pairs], exports[(a, b)]))
-    hyper: Dict[int, Dict[int, Dict[str, float]]] = {}
-    for receiver, _, values in moves:
-        hyper.setdefault(owner[receiver], {})[receiver] = values
-    for b, values in hyper.items():
-        calls.append(workers[b].set_hyper.remote(values))
-    ray.get(calls)
+        states = workers[a].export.remote([d for _, d in pairs])
+        workers[b].load.remote([r for r, _ in pairs], states)
+    return list(zip(local, hyper))
 
 
 def _best(study: Any, workers: List[Any], owner: Dict[int, int], scores: Dict[int, float],

@@ -62,8 +62,7 @@ def test_vectorised_step_equals_the_per_member_torch_optim_loop(name):
     population = Population(digits.make_model(), range(4), init, name, hyper, data, digits.loss)
     population.train(3)
     grads = {}
-    population_grads = population._grad(population.params, data[3][0], data[3][1],
-                                        {"label_smoothing": population.hyper["label_smoothing"]})
+    population_grads = population.gradients(*data[3])
     population.train(9)  # 12 steps: the batches cycle (7 of them)
     for i, module in enumerate(modules):
         module = copy.deepcopy(module).train()
@@ -80,7 +79,7 @@ def test_vectorised_step_equals_the_per_member_torch_optim_loop(name):
             assert torch.allclose(p.detach(), population.params[n][i], rtol=1e-5, atol=1e-5), (name, n, i)
             # Same gradients at step 4, too (before the optimiser's arithmetic).
             assert torch.allclose(grads[n], population_grads[n][i], rtol=1e-4, atol=1e-6), (name, n, i)
-        assert int(population.state["step"][i]) == 12
+        assert int(population.state["step"][i, 0]) == 12
 
 
 def test_exploit_copies_weights_and_optimiser_state_exactly():
