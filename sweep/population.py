@@ -191,6 +191,8 @@ class Population:
         self.flat = torch.cat([init[n].detach().to(device, torch.float32).reshape(m, -1) for n in self.names], dim=1)
         self.params = self._views(self.flat)
         self.buffers = {n: b.detach().to(device) for n, b in module.named_buffers()}
+        # functional_call works out tied weights on every call unless told there are none (a fifth of a step).
+        self.tied = len(list(module.named_parameters(remove_duplicate=False))) != len(list(module.named_parameters()))
         self.state = optimizer_state(optimizer, self.flat)
         self.loss = loss
         self.loss_names = [n for n in hyper if n not in OPTIMIZERS[optimizer]]
@@ -218,7 +220,7 @@ class Population:
         return out
 
     def _loss(self, params: Dict[str, torch.Tensor], x: Any, y: Any, loss_hp: Dict[str, torch.Tensor]) -> torch.Tensor:
-        out = functional_call(self.module, {**params, **self.buffers}, (x,))
+        out = functional_call(self.module, {**params, **self.buffers}, (x,), tie_weights=self.tied)
         return self.loss(out, y, **loss_hp)
 
     def flat_gradient(self, x: Any, y: Any) -> torch.Tensor:

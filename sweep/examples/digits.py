@@ -99,10 +99,12 @@ def train_batches(batch_size: int = 64, epochs: int = 50, seed: int = 0) -> List
 
 
 def loss(output: torch.Tensor, y: torch.Tensor, label_smoothing: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Cross-entropy with optional label smoothing (a hyperparameter the pbt example may search)."""
+    """Cross-entropy, with label smoothing when given (a hyperparameter the pbt example may search)."""
     logp = F.log_softmax(output, dim=-1)
-    nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    return ((1 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)).mean()
+    nll = -logp.gather(-1, y.unsqueeze(-1)).mean()
+    if isinstance(label_smoothing, float) and label_smoothing == 0.0:
+        return nll
+    return (1 - label_smoothing) * nll - label_smoothing * logp.mean()
 
 
 def metrics(output: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -223,3 +223,32 @@ def test_training_configs_fail_before_any_work_naming_the_field(changes, field):
         config = load("pbt.yaml", **changes)
         plan(config.study, context(config))
     assert field in str(e.value)
+
+
+def test_tied_weights_train_as_one_tensor():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Linear(4, 4, bias=False)
+            self.out = torch.nn.Linear(4, 4, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(torch.relu(self.emb(x)))
+
+    torch.manual_seed(0)
+    module = Tied()
+    init = {n: torch.stack([p.detach(), p.detach() * 0.5]) for n, p in module.named_parameters()}
+    assert list(init) == ["emb.weight"]
+    x, y = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    population = Population(module, [0, 1], init, "sgd", {"lr": [0.1, 0.2]}, [(x, y)], F.cross_entropy)
+    population.train(3)
+    for i, lr in enumerate((0.1, 0.2)):
+        ref = Tied()
+        ref.emb.weight.data.copy_(init["emb.weight"][i])
+        opt = torch.optim.SGD(ref.parameters(), lr=lr)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(ref(x), y).backward()
+            opt.step()
+        assert torch.allclose(ref.emb.weight.detach(), population.params["emb.weight"][i], atol=1e-6)
