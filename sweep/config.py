@@ -240,6 +240,11 @@ def resolve_file(value: Optional[str], info: ValidationInfo) -> Optional[str]:
         check_file(path)
     return path
 
+
+def resolve_files(values: List[str], info: ValidationInfo) -> List[str]:
+    """A list of weights files, each resolved (and checked) as `resolve_file` does."""
+    return [resolve_file(v, info) for v in values]
+
 def glob_matches_a_file(pattern: str) -> bool:
     """Whether `pattern` (recursive `**` allowed) matches at least one thing that is not a folder."""
     try:

@@ -206,11 +206,7 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
     make_actor = worker_factory(config, weights, study.anchors())
     pool = Pool(make_actor, count, config.workers.max_in_flight)
     metric_names = describe_workers(pool.actors)
-    if config.sinks.mlflow.enabled:
-        check_metric_names(metric_names)  # refused now, not discovered by MLflow mid-sweep
-    objective = config.metrics.objective or (metric_names[0] if metric_names else None)
-    if objective is not None and objective not in metric_names:
-        raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
+    objective = check_metrics(config, metric_names)
 
     study.bind(objective, config.metrics.mode, metric_names)
     tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
@@ -299,6 +295,20 @@ def worker_factory(config: SweepConfig, weights: Optional[bytes], anchors: Dict[
         return RemoteEvalWorker.options(name=name, **options).remote(spec, weights_ref, weights_name, anchor_refs)
 
     return make
+
+
+def check_metrics(config: SweepConfig, metric_names: List[str], logged: Sequence[str] = ()) -> Optional[str]:
+    """The objective, once the workers have said which metrics there are.
+
+    With MLflow on, the metric names (and `logged`: other columns logged as
+    metrics) are checked now, not discovered by MLflow mid-sweep.
+    """
+    if config.sinks.mlflow.enabled:
+        check_metric_names([*metric_names, *logged])
+    objective = config.metrics.objective or (metric_names[0] if metric_names else None)
+    if objective is not None and objective not in metric_names:
+        raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
+    return objective
 
 
 def describe_workers(actors: List[Any]) -> List[str]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from sweep.config import SweepConfig, check_metric_names
+from sweep.config import SweepConfig
 from sweep.errors import SweepError
 from sweep.results import Tally, results_schema
 
@@ -59,20 +59,11 @@ def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: O
     findings: Dict[str, float] = {}
     completed = False
     try:
-        try:
-            infos = ray.get([w.describe.remote() for w in workers])
-        except ray.exceptions.RayActorError as e:
-            raise SweepError(f"a training worker could not start: {_cause(e)}") from None
-        errors = [i["error"] for i in infos if i["error"]]
-        if errors:
-            raise SweepError(errors[0])
-        metric_names = infos[0]["metric_names"]
-        if config.sinks.mlflow.enabled:
-            # The members' child runs log the hyperparameters as metrics too.
-            check_metric_names([*metric_names, *study.hyper_names])
-        objective = config.metrics.objective or (metric_names[0] if metric_names else None)
-        if objective is not None and objective not in metric_names:
-            raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
+        from .driver import check_metrics, describe_workers
+
+        metric_names = describe_workers(workers)
+        # The members' child runs log the hyperparameters as metrics too.
+        objective = check_metrics(config, metric_names, logged=study.hyper_names)
         study.bind(objective, config.metrics.mode, metric_names)
         sinks = open_sinks(results_schema(study.columns, metric_names), metric_names)
         tally = Tally(objective, config.metrics.mode, label="member")

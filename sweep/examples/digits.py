@@ -178,37 +178,29 @@ DEEP = (("deep-seed0", 0, 60), ("deep-seed1", 1, 60))
 DEEP_DEPTH = 3
 
 
+def _save(model: torch.nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 def write_study_checkpoints(out: Path, checkpoints: Path = CHECKPOINTS) -> List[Path]:
     """The merge example's fine-tunes of the base in `checkpoints`, and the deep pair for `align`, into `out`."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out.mkdir(parents=True, exist_ok=True)
     base = load_file(str(checkpoints / f"{FINETUNE_BASE}.safetensors"))
-    written = []
-    for stem, seed, epochs in DEEP:
-        model = train(seed, epochs, depth=DEEP_DEPTH)
-        path = out / f"{stem}.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        written.append(path)
-    for stem, seed, classes in FINETUNES:
-        model = finetune(base, seed, classes)
-        path = out / f"{stem}.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        written.append(path)
+    written = [_save(train(seed, epochs, depth=DEEP_DEPTH), out / f"{stem}.safetensors") for stem, seed, epochs in DEEP]
+    written += [_save(finetune(base, seed, classes), out / f"{stem}.safetensors") for stem, seed, classes in FINETUNES]
     return written
 
 
 def write_checkpoints(out: Path) -> List[Path]:
     """Train the quickstart checkpoints into `out`, plus the deliberately bad files."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for stem, seed, epochs, hidden in RECIPES + (WRONG_WIDTH,):
-        model = train(seed, epochs, hidden)
-        path = out / f"{stem}.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        written.append(path)
+    written = [_save(train(seed, epochs, hidden), out / f"{stem}.safetensors")
+               for stem, seed, epochs, hidden in RECIPES + (WRONG_WIDTH,)]
     # A download that stopped half-way: the header promises more than the file holds.
     whole = (out / f"{RECIPES[-1][0]}.safetensors").read_bytes()
     truncated = out / "bad-truncated.safetensors"

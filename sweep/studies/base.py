@@ -130,3 +130,23 @@ class Study(Protocol):
     def observe(self, table: pa.Table) -> None: ...
 
     def summarise(self) -> Dict[str, float]: ...
+
+
+def difference(other: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], field: str,
+               base_name: str) -> Dict[str, torch.Tensor]:
+    """other − base over the base's floating tensors (a task vector, a direction to a model).
+
+    Keys and shapes must match; the error names `field` and what `base_name` has.
+    """
+    from ..errors import ConfigError
+
+    if set(other) != set(base):
+        diff = sorted(set(other).symmetric_difference(base))
+        raise ConfigError(f"{field}: its keys differ from {base_name}'s: {diff[:5]}")
+    out = {}
+    for k, v in base.items():
+        if other[k].shape != v.shape:
+            raise ConfigError(f"{field}: key '{k}' has shape {tuple(other[k].shape)}, {base_name} has {tuple(v.shape)}")
+        if v.is_floating_point():
+            out[k] = other[k].to(torch.float32) - v.to(torch.float32)
+    return out

@@ -25,7 +25,7 @@ import torch
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from ..analysis import barrier, metric_mode
-from ..config import Float, Int, Section, Text, check_file, checks_files, resolve_path
+from ..config import Float, Int, Section, Text, resolve_files
 from ..errors import ConfigError, WeightsError
 from ..model import read_weights_file
 from ..recipes import AffineRows, AnchorSet, Rows, SlerpRows, anchor_key
@@ -70,11 +70,7 @@ class Config(Section):
     @field_validator("endpoints")
     @classmethod
     def _endpoints(cls, values: List[str], info: ValidationInfo) -> List[str]:
-        resolved = [resolve_path(v, info) for v in values]
-        if checks_files(info):
-            for path in resolved:
-                check_file(path)
-        return resolved
+        return resolve_files(values, info)
 
     @field_validator("alphas")
     @classmethod

@@ -25,11 +25,11 @@ import pyarrow as pa
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ..config import Int, Section, Text, check_file, checks_files, resolve_file, resolve_path
+from ..config import Int, Section, Text, resolve_file, resolve_files
 from ..errors import ConfigError, WeightsError
 from ..model import read_weights_file
 from ..recipes import AffineRows, AnchorSet, anchor_key
-from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
+from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, difference
 from .interpolate import AlphaRange, alpha_values
 
 #: Largest grid one landscape may ask for.
@@ -62,11 +62,7 @@ class Config(Section):
             return v
         if not 1 <= len(v) <= 2:
             raise ValueError(f"give one or two weights files (a line or a plane), got {len(v)}")
-        resolved = [resolve_path(p, info) for p in v]
-        if checks_files(info):
-            for path in resolved:
-                check_file(path)
-        return resolved
+        return resolve_files(v, info)
 
     @model_validator(mode="after")
     def _shape(self) -> "Config":
@@ -114,7 +110,7 @@ class Landscape(StudyBase):
                     other = read_weights_file(path)
                 except WeightsError as e:
                     raise ConfigError(f"study.directions[{i}]: {e}") from None
-                directions.append(difference(other, center, f"study.directions[{i}]"))
+                directions.append(difference(other, center, f"study.directions[{i}]", "the centre"))
         anchors: AnchorSet = {"base": center}
         for i, d in enumerate(directions):
             anchors[f"direction_{i}"] = d
@@ -169,20 +165,6 @@ class Landscape(StudyBase):
             names = list(self.columns)
             rows = AffineRows(coeffs, names, {n: coeffs[:, d] for d, n in enumerate(names)})
             yield CandidateBatch(ids, {}, RecipeBatch(self.key, rows))
-
-
-def difference(other: Dict[str, torch.Tensor], center: Dict[str, torch.Tensor], field: str) -> Dict[str, torch.Tensor]:
-    """other − center over the centre's floating tensors; keys and shapes must match."""
-    if set(other) != set(center):
-        diff = sorted(set(other).symmetric_difference(center))
-        raise ConfigError(f"{field}: its keys differ from the centre's: {diff[:5]}")
-    out = {}
-    for k, v in center.items():
-        if other[k].shape != v.shape:
-            raise ConfigError(f"{field}: key '{k}' has shape {tuple(other[k].shape)}, the centre has {tuple(v.shape)}")
-        if v.is_floating_point():
-            out[k] = other[k].to(torch.float32) - v.to(torch.float32)
-    return out
 
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Landscape:

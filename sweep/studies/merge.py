@@ -28,14 +28,13 @@ from typing import Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
-import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ..config import Float, Int, Section, Text, check_file, checks_files, resolve_file, resolve_path
+from ..config import Float, Int, Section, Text, resolve_file, resolve_files
 from ..errors import ConfigError, WeightsError
 from ..model import read_weights_file
 from ..recipes import AffineRows, AnchorSet, MergeRows, Rows, anchor_key
-from .base import WAIT, CandidateBatch, RecipeBatch, StudyBase, StudyContext, Wait
+from .base import WAIT, CandidateBatch, RecipeBatch, StudyBase, StudyContext, Wait, difference
 from .interpolate import AlphaRange, alpha_values
 
 METHODS = ("task_arithmetic", "ties", "dare", "dare_ties", "uniform_soup", "greedy_soup")
@@ -75,11 +74,7 @@ class Config(Section):
     @field_validator("models")
     @classmethod
     def _models(cls, values: List[str], info: ValidationInfo) -> List[str]:
-        resolved = [resolve_path(v, info) for v in values]
-        if checks_files(info):
-            for path in resolved:
-                check_file(path)
-        return resolved
+        return resolve_files(values, info)
 
     @field_validator("methods")
     @classmethod
@@ -130,7 +125,7 @@ class Merge(StudyBase):
                 model = read_weights_file(path)
             except WeightsError as e:
                 raise ConfigError(f"study.models[{i}]: {e}") from None
-            anchors[f"direction_{i}"] = task_vector(model, base, f"study.models[{i}]")
+            anchors[f"direction_{i}"] = difference(model, base, f"study.models[{i}]", "the base")
         self._anchors = anchors
         self.key = anchor_key(anchors)
         self.config = config
@@ -305,20 +300,6 @@ class Merge(StudyBase):
 def nulls(k: int) -> np.ndarray:
     """A column of k nulls (a value the row's method does not use)."""
     return np.full(k, None, dtype=object)
-
-
-def task_vector(model: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], field: str) -> Dict[str, torch.Tensor]:
-    """model − base over the base's floating tensors; keys and shapes must match the base's."""
-    if set(model) != set(base):
-        diff = sorted(set(model).symmetric_difference(base))
-        raise ConfigError(f"{field}: its keys differ from the base's: {diff[:5]}")
-    out = {}
-    for k, v in base.items():
-        if model[k].shape != v.shape:
-            raise ConfigError(f"{field}: key '{k}' has shape {tuple(model[k].shape)}, the base has {tuple(v.shape)}")
-        if v.is_floating_point():
-            out[k] = model[k].to(torch.float32) - v.to(torch.float32)
-    return out
 
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Merge:
