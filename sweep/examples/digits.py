@@ -127,8 +127,14 @@ def train(seed: int, epochs: int, hidden: int = 64, lr: float = 0.1, batch_size:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = make_model(hidden, depth)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     x, y = _arrays("train")
+    return _sgd(model, x, y, epochs, lr, batch_size, gen)
+
+
+def _sgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
+         gen: torch.Generator) -> torch.nn.Module:
+    """`epochs` shuffled passes of SGD with momentum 0.9 over (x, y); the model in eval mode after."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
@@ -156,19 +162,11 @@ def finetune(base: Dict[str, torch.Tensor], seed: int, classes: Tuple[int, ...],
     gen = torch.Generator().manual_seed(seed)
     model = make_model()
     model.load_state_dict(base)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     x, y = _arrays("train")
     mine = torch.isin(y, torch.tensor(classes))
     x = torch.cat([x] + [x[mine]] * 3)
     y = torch.cat([y] + [y[mine]] * 3)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return _sgd(model, x, y, epochs, lr, batch_size, gen)
 
 
 #: Two MLPs 64 → 64 → 64 → 64 → 10 from different seeds, trained to near-zero training loss:
