@@ -60,9 +60,11 @@ def connect(address: Optional[str] = None) -> None:
     Ray's token authentication stays as Ray sets it: on for a local cluster,
     and a remote cluster's token is read from RAY_AUTH_TOKEN or ~/.ray/auth_token.
     """
+    global _may_grow
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    _may_grow = address is not None
     if address is not None:
         _present_token()
     kwargs: Dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -86,6 +88,33 @@ def _present_token() -> None:
     except ImportError:  # another Ray release: RAY_AUTH_MODE=token must be set by hand
         return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=True)
+
+
+def check_fits(config: SweepConfig, count: int) -> None:
+    """Workers the cluster cannot hold would wait for resources forever: say so before starting them.
+
+    `ray.init()` without an address (called here) makes or joins a cluster on
+    this machine, which does not grow: asking for more than it has is an error
+    naming `workers.count`. A cluster given by address, or one the caller
+    connected to before, may grow (an autoscaler): there it is a warning and
+    the sweep waits.
+    """
+    w = config.workers
+    have = ray.cluster_resources()
+    short = [f"{need:g} {name}s (workers.count {count} × workers.{name.lower()}s {each:g}), the cluster has "
+             f"{have.get(name, 0):g}" for name, each in (("CPU", w.cpus), ("GPU", w.gpus))
+             for need in [count * each] if each > 0 and need > have.get(name, 0) + 1e-9]
+    if not short:
+        return
+    message = f"the workers need {'; '.join(short)}"
+    if _may_grow:
+        log.warning("sweep: %s; waiting for the cluster to grow", message)
+        return
+    raise SweepError(f"{message}: lower workers.count (or set it to auto)")
+
+
+#: Whether the cluster may grow: joined by address, or connected before `connect` was called.
+_may_grow = True
 
 
 def worker_count(config: SweepConfig) -> int:
@@ -198,6 +227,9 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
 
     connect(address)
     count = worker_count(config)
+    if getattr(study, "trains", False):
+        count = min(count, study.population)  # one shard per worker, none empty
+    check_fits(config, count)
     if getattr(study, "trains", False):
         if resumed:
             raise SweepError(f"a {config.study.kind} study cannot be resumed (the members' weights lived on its "

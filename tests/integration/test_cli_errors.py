@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -50,3 +52,15 @@ def test_missing_config_file_and_bad_override(repo, tmp_path):
 def test_validate_command(repo, tmp_path):
     proc = sweep_cli("validate", str(repo / "configs/quickstart.yaml"), cwd=tmp_path)
     assert proc.returncode == 0 and "7 candidates" in proc.stdout
+
+
+def test_more_workers_than_the_local_cluster_holds_is_an_error_not_a_wait(repo, tmp_path):
+    # Two workers of more CPUs each than this machine has would wait for resources forever.
+    cpus = 2 * (os.cpu_count() or 1)
+    proc = sweep_cli("run", str(write_config(repo, tmp_path, workers__count=2, workers__cpus=cpus,
+                                             sinks__mlflow__enabled=False)),
+                     "--no-progress", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"the workers need {2 * cpus} CPUs (workers.count 2 × workers.cpus {cpus}), the cluster has" in proc.stderr
+    assert "lower workers.count" in proc.stderr
+    assert not list(tmp_path.glob("runs/*/results/*.parquet"))
