@@ -91,6 +91,20 @@ def read_weights_file(path: str | Path) -> Dict[str, torch.Tensor]:
     return load_weights(data, str(path))
 
 
+def write_weights_file(state: Mapping[str, torch.Tensor], path: str | Path,
+                       metadata: Optional[Dict[str, str]] = None) -> Path:
+    """`state` as a safetensors file, written to a hidden temporary name and renamed: a reader
+    never sees half a file. The folder is made if need be."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(temporary), metadata=metadata)
+    temporary.replace(path)
+    return path
+
+
 def _load_safetensors(data: bytes, name: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load
 

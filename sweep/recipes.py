@@ -27,6 +27,14 @@ ADDMM_DIRECTIONS = 4
 MAX_SEED = 2**63 - 1
 
 
+def anchor_set(base: Optional[Dict[str, torch.Tensor]], directions: Sequence[Dict[str, torch.Tensor]]) -> AnchorSet:
+    """The anchors `base` and `direction_0 … direction_{D−1}` (base None: the module's own parameters)."""
+    out: AnchorSet = {"base": base}  # type: ignore[dict-item]
+    for i, d in enumerate(directions):
+        out[f"direction_{i}"] = d
+    return out
+
+
 def anchor_key(anchors: AnchorSet) -> str:
     """A content hash of an anchor set: workers cache anchors on their device by it."""
     h = hashlib.blake2b(digest_size=16)
@@ -450,10 +458,7 @@ class Affine(Recipe):
             raise ValueError(f"names must be {len(self.directions)} distinct column names, got {self.names}")
 
     def anchors(self) -> AnchorSet:
-        out = {"base": self.base}
-        for i, d in enumerate(self.directions):
-            out[f"direction_{i}"] = d
-        return out
+        return anchor_set(self.base, self.directions)
 
     def rows(self) -> AffineRows:
         return AffineRows(self.coeffs, self.names)
@@ -504,7 +509,7 @@ class Slerp(Recipe):
         self.name = name
 
     def anchors(self) -> AnchorSet:
-        return {"base": self.start, "direction_0": self.end}
+        return anchor_set(self.start, [self.end])
 
     def rows(self) -> SlerpRows:
         return SlerpRows(np.zeros(len(self.t), np.int64), self.t, {self.name: self.t})
@@ -537,10 +542,7 @@ class Merge(Recipe):
         self._rows = MergeRows(method, lambdas, densities, seeds)
 
     def anchors(self) -> AnchorSet:
-        out = {"base": self.base}
-        for i, d in enumerate(self.directions):
-            out[f"direction_{i}"] = d
-        return out
+        return anchor_set(self.base, self.directions)
 
     def rows(self) -> MergeRows:
         return self._rows

@@ -18,20 +18,18 @@ from sweep.studies.base import CandidateBatch, RecipeBatch
 from sweep.workload import build_evaluator, resolve_device
 
 
-class EvalWorker:
-    """Builds the module once from the config (and weights), then evaluates batches."""
+class Worker:
+    """What every worker holds: the config, the module and eval data on its device (an Evaluator)."""
 
-    def __init__(self, config: Dict[str, Any], weights: Optional[bytes] = None, weights_name: str = "",
-                 anchor_refs: Optional[Dict[str, Any]] = None):
-        cfg = SweepConfig.model_validate(config, context={"check_files": False})
-        torch.set_num_threads(max(1, int(cfg.workers.cpus)))
-        device = resolve_device(cfg.workers.device, cfg.workers.gpus)
+    def __init__(self, config: Dict[str, Any], weights: Optional[bytes], weights_name: str,
+                 chunk_size: Optional[int] = None):
+        self.cfg = SweepConfig.model_validate(config, context={"check_files": False})
+        torch.set_num_threads(max(1, int(self.cfg.workers.cpus)))
+        device = resolve_device(self.cfg.workers.device, self.cfg.workers.gpus)
         tensors = load_weights(weights, weights_name) if weights is not None else None
-        self.evaluator = build_evaluator(cfg, tensors, device)
+        self.evaluator = build_evaluator(self.cfg, tensors, device, chunk_size=chunk_size)
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
         self.node = ray.get_runtime_context().get_node_id()
-        # Object refs of each recipe's anchors, fetched on first use and kept on the device.
-        self.anchor_refs = dict(anchor_refs or {})
         try:
             self.metric_names = self.evaluator.probe_metric_names()
             self.setup_error = None
@@ -54,6 +52,21 @@ class EvalWorker:
             "error": self.setup_error,
         }
 
+    def _stamp(self, table: pa.Table) -> pa.Table:
+        """`table` with the `worker` and `node` columns of this worker."""
+        table = table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))
+        return table.append_column("node", pa.array([self.node] * table.num_rows, pa.string()))
+
+
+class EvalWorker(Worker):
+    """Builds the module once from the config (and weights), then evaluates batches."""
+
+    def __init__(self, config: Dict[str, Any], weights: Optional[bytes] = None, weights_name: str = "",
+                 anchor_refs: Optional[Dict[str, Any]] = None):
+        super().__init__(config, weights, weights_name)
+        # Object refs of each recipe's anchors, fetched on first use and kept on the device.
+        self.anchor_refs = dict(anchor_refs or {})
+
     def evaluate(self, batch: CandidateBatch) -> pa.Table:
         if isinstance(batch.source, RecipeBatch):
             key = batch.source.key
@@ -70,8 +83,7 @@ class EvalWorker:
             table = table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds", seconds)
         for name, values in batch.columns.items():
             table = table.append_column(name, pa.array(values))
-        table = table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))
-        return table.append_column("node", pa.array([self.node] * table.num_rows, pa.string()))
+        return self._stamp(table)
 
 
 RemoteEvalWorker = ray.remote(EvalWorker)

@@ -218,28 +218,26 @@ def _done_ids(results: str, tally: Tally, study: Any) -> frozenset:
 
 
 def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optional[str], progress: Optional[bool],
-           study: Any = None,
-           on_batch: Optional[Callable[[int, int], None]], resumed: bool = False,
+           on_batch: Optional[Callable[[int, int], None]], study: Any = None, resumed: bool = False,
            mlflow_run_id: Optional[str] = None) -> RunResult:
     if study is None:
         study = plan(config.study, StudyContext.from_config(config, run_dir))
     weights = Path(config.model.weights).read_bytes() if config.model.weights else None
-
+    trains = getattr(study, "trains", False)
+    if trains and resumed:
+        raise SweepError(f"a {config.study.kind} study cannot be resumed (the members' weights lived on its "
+                         f"workers); run it again with --overwrite")
     connect(address)
     count = worker_count(config)
-    if getattr(study, "trains", False):
+    if trains:
         count = min(count, study.population)  # one shard per worker, none empty
     check_fits(config, count)
-    if getattr(study, "trains", False):
-        if resumed:
-            raise SweepError(f"a {config.study.kind} study cannot be resumed (the members' weights lived on its "
-                             f"workers); run it again with --overwrite")
+    if trains:
         return _train_sweep(config, study, run_dir, results, count, weights, progress, on_batch)
     make_actor = worker_factory(config, weights, study.anchors())
     pool = Pool(make_actor, count, config.workers.max_in_flight)
     metric_names = describe_workers(pool.actors)
     objective = check_metrics(config, metric_names)
-
     study.bind(objective, config.metrics.mode, metric_names)
     tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
     done = _done_ids(results, tally, study) if resumed else frozenset()
@@ -251,13 +249,7 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
         with Progress(len(study), enabled=progress, done=len(done)) as reporter:
             batches = study.batches(batch_size, skip=done)
             for _, table in pool.map_unordered(batches, failed_rows):
-                for sink in sinks:
-                    sink.write(table)
-                tally.update(table)
-                study.observe(table)
-                reporter.advance(table.num_rows)
-                if on_batch is not None:
-                    on_batch(tally.done, len(study))
+                land(table, sinks, tally, study, reporter, on_batch)
         completed = True
     finally:
         summary = tally.summary()
@@ -272,6 +264,24 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
         for actor in pool.actors:
             ray.kill(actor)
 
+    return finish(config, run_dir, results, summary, tally, sinks, findings)
+
+
+def land(table: pa.Table, sinks: List[Any], tally: Tally, study: Any, reporter: "Progress",
+         on_batch: Optional[Callable[[int, int], None]]) -> None:
+    """Rows that came back: to every sink, the tally, the study and the progress line."""
+    for sink in sinks:
+        sink.write(table)
+    tally.update(table)
+    study.observe(table)
+    reporter.advance(table.num_rows)
+    if on_batch is not None:
+        on_batch(tally.done, len(study))
+
+
+def finish(config: SweepConfig, run_dir: Path, results: str, summary: Dict[str, Any], tally: Tally,
+           sinks: List[Any], findings: Dict[str, float]) -> RunResult:
+    """The run's result once the sinks are closed; the findings recorded in run.json."""
     if findings:
         write_run_record(run_dir, findings=findings)
     mlflow_sink = next((s for s in sinks if isinstance(s, MlflowSink)), None)
@@ -302,13 +312,7 @@ def _train_sweep(config: SweepConfig, study: Any, run_dir: Path, results: str, c
 
     summary, tally, sinks, findings = train(config, study, run_dir, count, weights, sinks_for,
                                             Progress(len(study), enabled=progress), on_batch)
-    if findings:
-        write_run_record(run_dir, findings=findings)
-    mlflow_sink = next((s for s in sinks if isinstance(s, MlflowSink)), None)
-    warnings: List[str] = list(mlflow_sink.errors) if mlflow_sink is not None else []
-    return RunResult(name=config.name, run_dir=run_dir, results_dir=results, summary=summary,
-                     problems=tally.problems, mlflow_run_id=mlflow_sink.run_id if mlflow_sink else None,
-                     warnings=warnings, findings=findings)
+    return finish(config, run_dir, results, summary, tally, sinks, findings)
 
 
 def worker_factory(config: SweepConfig, weights: Optional[bytes], anchors: Dict[str, Any]) -> Callable[[], Any]:

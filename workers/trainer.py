@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -10,54 +9,39 @@ import pyarrow as pa
 import ray
 import torch
 
-from sweep.config import SweepConfig
-from sweep.evaluate import CandidateError
-from sweep.model import build_module, import_callable, load_weights
+from sweep.model import build_module, import_callable
 from sweep.population import Member, Population
 from sweep.studies.pbt import SEED_STRIDE
-from sweep.workload import build_evaluator, resolve_device
+
+from .actor import Worker
 
 
-class TrainWorker:
+class TrainWorker(Worker):
     """Members `members` of the population: their weights, optimiser state and hyperparameters live here."""
 
     def __init__(self, config: Dict[str, Any], weights: Optional[bytes], weights_name: str, members: Sequence[int],
                  hyper: Dict[str, List[float]]):
-        cfg = SweepConfig.model_validate(config, context={"check_files": False})
-        torch.set_num_threads(max(1, int(cfg.workers.cpus)))
-        device = resolve_device(cfg.workers.device, cfg.workers.gpus)
-        tensors = load_weights(weights, weights_name) if weights is not None else None
         # Every member of the shard in one evaluation chunk: no start-up measurement of chunk sizes.
-        self.evaluator = build_evaluator(cfg, tensors, device, chunk_size=len(members))
-        self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
-        self.node = ray.get_runtime_context().get_node_id()
+        super().__init__(config, weights, weights_name, chunk_size=len(members))
         self.members = list(members)
-        study = cfg.study
+        study = self.cfg.study
         module = self.evaluator.module
         names = [n for n, p in module.named_parameters() if p.is_floating_point()]
         if study.init == "model":
             own = dict(module.named_parameters())
             init = {n: own[n].detach().unsqueeze(0).expand(len(self.members), *own[n].shape) for n in names}
         else:
-            starts = []
-            for member in self.members:
-                m = build_module(cfg.model.factory, cfg.model.kwargs, seed=study.seed * SEED_STRIDE + member)
-                starts.append(dict(m.named_parameters()))
+            starts = [dict(build_module(self.cfg.model.factory, self.cfg.model.kwargs,
+                                        seed=study.seed * SEED_STRIDE + member).named_parameters())
+                      for member in self.members]
             init = {n: torch.stack([s[n].detach() for s in starts]) for n in names}
         batches = import_callable(study.train.loader)(**study.train.kwargs)
         loss = import_callable(study.loss)
-        self.population = Population(module, self.members, init, study.optimizer, hyper, list(batches), loss, device)
-        try:
-            self.metric_names = self.evaluator.probe_metric_names()
-            self.setup_error = None
-        except CandidateError as e:
-            self.metric_names = ()
-            self.setup_error = (f"the model with its own weights failed on the eval data ({e}); "
-                                f"check model.factory, data.loader and metrics.function")
+        self.population = Population(module, self.members, init, study.optimizer, hyper, list(batches), loss,
+                                     self.evaluator.device)
 
     def describe(self) -> Dict[str, Any]:
-        return {"worker": self.name, "node": self.node, "pid": os.getpid(), "device": str(self.evaluator.device),
-                "metric_names": list(self.metric_names), "members": self.members, "error": self.setup_error}
+        return {**super().describe(), "members": self.members}
 
     def generation(self, steps: int, copies: Sequence[Tuple[int, int]] = (),
                    hyper: Optional[Dict[int, Dict[str, float]]] = None) -> pa.Table:
@@ -72,8 +56,7 @@ class TrainWorker:
         seconds = [s + trained / len(self.members) for s in table.column("eval_seconds").to_pylist()]
         table = table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds",
                                  pa.array(seconds, pa.float64()))
-        table = table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))
-        return table.append_column("node", pa.array([self.node] * table.num_rows, pa.string()))
+        return self._stamp(table)
 
     def hyper(self) -> Dict[int, Dict[str, float]]:
         return {m: self.population.hyper_of(m) for m in self.members}

@@ -22,6 +22,7 @@ import ray
 
 from sweep.config import SweepConfig
 from sweep.errors import SweepError
+from sweep.model import write_weights_file
 from sweep.results import Tally, results_schema
 
 from .trainer import RemoteTrainWorker
@@ -59,7 +60,7 @@ def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: O
     findings: Dict[str, float] = {}
     completed = False
     try:
-        from .driver import check_metrics, describe_workers
+        from .driver import check_metrics, describe_workers, land
 
         metric_names = describe_workers(workers)
         # The members' child runs log the hyperparameters as metrics too.
@@ -77,16 +78,12 @@ def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: O
                 try:
                     tables = ray.get([w.generation.remote(study.interval, *pending[i]) for i, w in enumerate(workers)])
                 except ray.exceptions.RayActorError as e:
+                    from .driver import _cause
+
                     raise SweepError(f"a training worker died in generation {generation} ({_cause(e)}); its members' "
                                      f"weights were only on it: run the study again") from None
                 table = _rows(pa.concat_tables(tables), generation, study, parents, current)
-                for sink in sinks:
-                    sink.write(table)
-                tally.update(table)
-                study.observe(table)
-                progress.advance(table.num_rows)
-                if on_batch is not None:
-                    on_batch(tally.done, len(study))
+                land(table, sinks, tally, study, progress, on_batch)
                 scores = _scores(table, objective)
                 parents = {m: m for m in range(study.population)}
                 pending = [([], {}) for _ in workers]
@@ -108,11 +105,6 @@ def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: O
         for w in workers:
             ray.kill(w)
     return summary, tally, sinks, findings
-
-
-def _cause(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def _rows(table: pa.Table, generation: int, study: Any, parents: Dict[int, int],
@@ -178,11 +170,6 @@ def _best(study: Any, workers: List[Any], owner: Dict[int, int], scores: Dict[in
         return {}
     pick = max if study.mode == "max" else min
     best = pick(sorted(finite), key=lambda m: finite[m])
-    from safetensors.torch import save_file
-
     state = ray.get(workers[owner[best]].state_dict.remote(best))
-    path = run_dir / "best.safetensors"
-    temporary = path.with_name(".best.safetensors.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(temporary), metadata={"member": str(best)})
-    temporary.replace(path)
+    write_weights_file(state, run_dir / "best.safetensors", metadata={"member": str(best)})
     return {"best_member": float(best), f"best_member_{study.objective}": finite[best]}

@@ -177,10 +177,9 @@ DEEP_DEPTH = 3
 
 
 def _save(model: torch.nn.Module, path: Path) -> Path:
-    from safetensors.torch import save_file
+    from ..model import write_weights_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return write_weights_file(model.state_dict(), path)
 
 
 def write_study_checkpoints(out: Path, checkpoints: Path = CHECKPOINTS) -> List[Path]:

@@ -19,9 +19,10 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..config import Float, Int, Section, Text, resolve_file
-from ..recipes import AffineRows, AnchorSet, anchor_key
+from ..model import write_weights_file
+from ..recipes import AffineRows, anchor_set
 from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
-from .interpolate import (AlphaRange, PathRows, alpha_values, in_module_order, load_endpoints, save_aligned,
+from .interpolate import (AlphaRange, PathRows, alpha_values, in_module_order, load_endpoints,
                           with_endpoints)
 
 PATHS = ("original", "aligned")
@@ -63,24 +64,19 @@ class Align(StudyBase):
         self.info = info
         if context is not None and context.artifacts is not None:
             self.saved: Optional[Path] = context.artifacts / "aligned" / f"{Path(config.model).stem}.safetensors"
-            save_aligned(aligned, self.saved)
+            write_weights_file(aligned, self.saved)
         else:
             self.saved = None
+        # Direction 0 leads to the model as it is, direction 1 to the aligned model.
         floating = [k for k in reference if reference[k].is_floating_point()]
-        self._anchors: AnchorSet = {
-            "base": reference,
-            "direction_0": {k: model[k] - reference[k] for k in floating},
-            "direction_1": {k: aligned[k] - reference[k] for k in floating},
-        }
-        self.key = anchor_key(self._anchors)
+        self.use_anchors(anchor_set(reference, [{k: other[k] - reference[k] for k in floating}
+                                                for other in (model, aligned)]))
         self.alphas = with_endpoints(alpha_values(config.alphas), 1)
         self.rows = PathRows()
 
     def __len__(self) -> int:
         return 2 * len(self.alphas)
 
-    def anchors(self) -> Dict[str, AnchorSet]:
-        return {self.key: self._anchors}
 
     def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
         """Ids 0 … K−1 are the original path, K … 2K−1 the aligned one."""

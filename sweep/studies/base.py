@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 import pyarrow as pa
 import torch
 
-from ..recipes import AnchorSet, Rows
+from ..recipes import AnchorSet, Rows, anchor_key
 
 
 class CandidateSource(Protocol):
@@ -87,6 +87,17 @@ class StudyBase:
     objective: Optional[str] = None
     mode: str = "min"
     metric_names: Sequence[str] = ()
+    #: a recipe study's anchors and their content key (None for studies of explicit candidates)
+    key: Optional[str] = None
+    _anchors: Optional[AnchorSet] = None
+
+    def use_anchors(self, anchors: AnchorSet) -> None:
+        """The one anchor set every batch of this study refers to (by its content key)."""
+        self._anchors = anchors
+        self.key = anchor_key(anchors)
+
+    def anchors(self) -> Dict[str, AnchorSet]:
+        return {self.key: self._anchors} if self._anchors is not None else {}
 
     def bind(self, objective: Optional[str], mode: str, metric_names: Sequence[str] = ()) -> None:
         """The metric that ranks rows and all metric names, known once the workers have reported them."""
@@ -130,6 +141,17 @@ class Study(Protocol):
     def observe(self, table: pa.Table) -> None: ...
 
     def summarise(self) -> Dict[str, float]: ...
+
+
+def read_weights(path: str, field: str) -> Dict[str, torch.Tensor]:
+    """A weights file the config names; a file that cannot be read is a config error naming `field`."""
+    from ..errors import ConfigError, WeightsError
+    from ..model import read_weights_file
+
+    try:
+        return read_weights_file(path)
+    except WeightsError as e:
+        raise ConfigError(f"{field}: {e}") from None
 
 
 def difference(other: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], field: str,

@@ -98,8 +98,6 @@ class Checkpoints(StudyBase):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def anchors(self) -> dict:
-        return {}
 
     def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
         todo = [i for i in range(len(self.paths)) if i not in skip]

@@ -26,10 +26,10 @@ from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from ..analysis import barrier, metric_mode
 from ..config import Float, Int, Section, Text, resolve_files
-from ..errors import ConfigError, WeightsError
-from ..model import read_weights_file
-from ..recipes import AffineRows, AnchorSet, Rows, SlerpRows, anchor_key
-from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
+from ..errors import ConfigError
+from ..model import write_weights_file
+from ..recipes import AffineRows, AnchorSet, Rows, SlerpRows, anchor_set
+from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, read_weights
 
 #: Largest number of alphas a range may ask for.
 MAX_ALPHAS = 100_000_000
@@ -100,10 +100,7 @@ def path_coefficients(alphas: np.ndarray, segments: int) -> np.ndarray:
 def load_endpoints(paths: List[str], field: str = "study.endpoints") -> List[Dict[str, torch.Tensor]]:
     endpoints = []
     for i, path in enumerate(paths):
-        try:
-            endpoints.append(read_weights_file(path))
-        except WeightsError as e:
-            raise ConfigError(f"{field}[{i}]: {e}") from None
+        endpoints.append(read_weights(path, f"{field}[{i}]"))
     first = set(endpoints[0])
     for i, e in enumerate(endpoints[1:], 1):
         if set(e) != first:
@@ -158,14 +155,10 @@ def path_rows(method: str, alphas: np.ndarray, segments: int, extra: Dict[str, n
 def path_anchors(method: str, endpoints: List[Dict[str, torch.Tensor]]) -> AnchorSet:
     """Straight paths carry the base and the differences; spherical ones the points themselves."""
     base = endpoints[0]
-    anchors: AnchorSet = {"base": base}
-    for j in range(len(endpoints) - 1):
-        nxt = endpoints[j + 1]
-        if method == "slerp":
-            anchors[f"direction_{j}"] = {k: nxt[k] for k in base if base[k].is_floating_point()}
-        else:
-            anchors[f"direction_{j}"] = {k: nxt[k] - endpoints[j][k] for k in base if base[k].is_floating_point()}
-    return anchors
+    floating = [k for k in base if base[k].is_floating_point()]
+    if method == "slerp":
+        return anchor_set(base, [{k: nxt[k] for k in floating} for nxt in endpoints[1:]])
+    return anchor_set(base, [{k: b[k] - a[k] for k in floating} for a, b in zip(endpoints, endpoints[1:])])
 
 
 def with_endpoints(alphas: np.ndarray, segments: int) -> np.ndarray:
@@ -201,17 +194,8 @@ def aligned_chain(endpoints: List[Dict[str, torch.Tensor]], seed: int, context: 
             raise ConfigError(f"study.align: endpoint {i}: {e}") from None
         out.append(aligned)
         if artifacts is not None:
-            save_aligned(aligned, artifacts / "aligned" / f"{i:02d}-{Path(names[i]).stem}.safetensors")
+            write_weights_file(aligned, artifacts / "aligned" / f"{i:02d}-{Path(names[i]).stem}.safetensors")
     return out
-
-
-def save_aligned(state: Dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(temporary))
-    temporary.replace(path)
 
 
 class Interpolate(StudyBase):
@@ -227,15 +211,12 @@ class Interpolate(StudyBase):
         if config.barrier:
             self.alphas = with_endpoints(self.alphas, self.segments)
         self.method = config.method
-        self._anchors = path_anchors(config.method, endpoints)
-        self.key = anchor_key(self._anchors)
+        self.use_anchors(path_anchors(config.method, endpoints))
         self.rows = PathRows()
 
     def __len__(self) -> int:
         return len(self.alphas)
 
-    def anchors(self) -> Dict[str, AnchorSet]:
-        return {self.key: self._anchors}
 
     def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
         todo = np.array([i for i in range(len(self)) if i not in skip], dtype=np.int64) if skip else np.arange(len(self))

@@ -26,10 +26,9 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..config import Int, Section, Text, resolve_file, resolve_files
-from ..errors import ConfigError, WeightsError
-from ..model import read_weights_file
-from ..recipes import AffineRows, AnchorSet, anchor_key
-from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, difference
+from ..errors import ConfigError
+from ..recipes import AffineRows, anchor_set
+from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, difference, read_weights
 from .interpolate import AlphaRange, alpha_values
 
 #: Largest grid one landscape may ask for.
@@ -104,26 +103,15 @@ class Landscape(StudyBase):
         if config.directions == "random":
             directions = self._random(config, center, context)
         else:
-            directions = []
-            for i, path in enumerate(config.directions):
-                try:
-                    other = read_weights_file(path)
-                except WeightsError as e:
-                    raise ConfigError(f"study.directions[{i}]: {e}") from None
-                directions.append(difference(other, center, f"study.directions[{i}]", "the centre"))
-        anchors: AnchorSet = {"base": center}
-        for i, d in enumerate(directions):
-            anchors[f"direction_{i}"] = d
-        self._anchors = anchors
-        self.key = anchor_key(anchors)
+            directions = [difference(read_weights(path, f"study.directions[{i}]"), center,
+                                     f"study.directions[{i}]", "the centre")
+                          for i, path in enumerate(config.directions)]
+        self.use_anchors(anchor_set(center, directions))
 
     @staticmethod
     def _center(config: Config, context: Optional[StudyContext]) -> Dict[str, torch.Tensor]:
         if config.center is not None:
-            try:
-                return read_weights_file(config.center)
-            except WeightsError as e:
-                raise ConfigError(f"study.center: {e}") from None
+            return read_weights(config.center, "study.center")
         if context is None:
             raise ConfigError("study.center: give a weights file (no model to take the centre from here)")
         return {k: v.detach().clone() for k, v in context.module().state_dict().items()}
@@ -145,8 +133,6 @@ class Landscape(StudyBase):
     def __len__(self) -> int:
         return len(self.xs) * (len(self.ys) if self.ys is not None else 1)
 
-    def anchors(self) -> Dict[str, AnchorSet]:
-        return {self.key: self._anchors}
 
     def coordinates(self, ids: np.ndarray) -> np.ndarray:
         """[k, D] (x, y) of candidate ids: row-major over the grid, x fastest."""

@@ -31,10 +31,9 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..config import Float, Int, Section, Text, resolve_file, resolve_files
-from ..errors import ConfigError, WeightsError
-from ..model import read_weights_file
-from ..recipes import AffineRows, AnchorSet, MergeRows, Rows, anchor_key
-from .base import WAIT, CandidateBatch, RecipeBatch, StudyBase, StudyContext, Wait, difference
+from ..errors import ConfigError
+from ..recipes import AffineRows, MergeRows, Rows, anchor_set
+from .base import WAIT, CandidateBatch, RecipeBatch, StudyBase, StudyContext, Wait, difference, read_weights
 from .interpolate import AlphaRange, alpha_values
 
 METHODS = ("task_arithmetic", "ties", "dare", "dare_ties", "uniform_soup", "greedy_soup")
@@ -114,20 +113,11 @@ class Merge(StudyBase):
     default_batch_size = 256
 
     def __init__(self, config: Config, context: Optional[StudyContext] = None):
-        try:
-            base = read_weights_file(config.base)
-        except WeightsError as e:
-            raise ConfigError(f"study.base: {e}") from None
+        base = read_weights(config.base, "study.base")
         self.n = len(config.models)
-        anchors: AnchorSet = {"base": base}
-        for i, path in enumerate(config.models):
-            try:
-                model = read_weights_file(path)
-            except WeightsError as e:
-                raise ConfigError(f"study.models[{i}]: {e}") from None
-            anchors[f"direction_{i}"] = difference(model, base, f"study.models[{i}]", "the base")
-        self._anchors = anchors
-        self.key = anchor_key(anchors)
+        self.use_anchors(anchor_set(base, [difference(read_weights(path, f"study.models[{i}]"), base,
+                                                      f"study.models[{i}]", "the base")
+                                           for i, path in enumerate(config.models)]))
         self.config = config
         self.per_model = config.per_model
         self.columns: Dict[str, pa.DataType] = {"method": pa.string(), "lambda": pa.float64()}
@@ -181,8 +171,6 @@ class Merge(StudyBase):
     def __len__(self) -> int:
         return self.total
 
-    def anchors(self) -> Dict[str, AnchorSet]:
-        return {self.key: self._anchors}
 
     # -- rows -------------------------------------------------------------------
     def _affine(self, ids: np.ndarray, methods: Sequence[str], coeffs: np.ndarray, lam: Optional[np.ndarray],

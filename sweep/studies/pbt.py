@@ -16,7 +16,7 @@ Kind `search` (sweep/studies/search.py) is the same training without exploit.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Dict, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -153,8 +153,6 @@ class Training(StudyBase):
     def __len__(self) -> int:
         return self.population * self.generations
 
-    def anchors(self) -> Dict[str, Any]:
-        return {}
 
     def batches(self, batch_size: int, skip: frozenset = frozenset()):
         raise TypeError("a training study runs generation by generation, not in batches")

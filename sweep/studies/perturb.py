@@ -7,17 +7,15 @@ candidates on any run. Batches carry only seeds.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..config import Float, Int, Section, Text, resolve_file
-from ..errors import ConfigError, WeightsError
-from ..model import read_weights_file
-from ..recipes import AnchorSet, NoiseRows, anchor_key
-from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
+from ..recipes import NoiseRows, anchor_set
+from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, read_weights
 
 #: Largest `count` one sweep may ask for.
 MAX_COUNT = 1_000_000_000
@@ -45,14 +43,8 @@ class Perturb(StudyBase):
     default_batch_size = 4096
 
     def __init__(self, config: Config):
-        base = None
-        if config.base is not None:
-            try:
-                base = read_weights_file(config.base)
-            except WeightsError as e:
-                raise ConfigError(f"study.base: {e}") from None
-        self._anchors: AnchorSet = {"base": base}  # type: ignore[dict-item]
-        self.key = anchor_key(self._anchors)
+        base = read_weights(config.base, "study.base") if config.base is not None else None
+        self.use_anchors(anchor_set(base, []))
         self.count = config.count
         self.sigma = config.sigma
         self.seed = config.seed
@@ -60,8 +52,6 @@ class Perturb(StudyBase):
     def __len__(self) -> int:
         return self.count
 
-    def anchors(self) -> Dict[str, AnchorSet]:
-        return {self.key: self._anchors}
 
     def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[CandidateBatch]:
         for start in range(0, self.count, batch_size):
