@@ -108,6 +108,18 @@ def with_changes(raw: dict, changes: dict, sep: str = ".") -> dict:
     return raw
 
 
+def repo_config(repo: Path, file: str, drop: tuple = (), **changes):
+    """configs/<file>, parsed, with `drop` (keys of its study section) left out and `changes` (dotted keys) set."""
+    import yaml
+
+    from sweep.config import parse_config
+
+    raw = yaml.safe_load((repo / "configs" / file).read_text())
+    for key in drop:
+        del raw["study"][key]
+    return parse_config(with_changes(raw, changes), base_dir=repo / "configs")
+
+
 def digits_reference(module, params, data) -> dict:
     """The digits metrics of one candidate by a plain functional_call loop, weighted by batch size."""
     import torch

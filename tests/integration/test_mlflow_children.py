@@ -9,19 +9,16 @@ import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
 
+from sweep.results import results_schema
 from sweep.sinks.mlflow import NONFINITE_SUFFIX, Children, MlflowSink
 
 pytestmark = pytest.mark.integration
 
 MEMBERS, GENERATIONS = 16, 5
 METRICS = ["loss", "accuracy"]
-SCHEMA = pa.schema([
-    ("candidate_id", pa.int64()), ("status", pa.string()), ("error", pa.string()),
-    ("member", pa.int64()), ("generation", pa.int64()), ("parent", pa.int64()), ("step", pa.int64()),
-    ("lr", pa.float64()), ("momentum", pa.float64()),
-    ("loss", pa.float64()), ("accuracy", pa.float64()),
-    ("worker", pa.string()), ("node", pa.string()), ("eval_seconds", pa.float64()),
-])
+#: The results schema of a training study with two searched hyperparameters.
+SCHEMA = results_schema({"member": pa.int64(), "generation": pa.int64(), "parent": pa.int64(), "step": pa.int64(),
+                         "lr": pa.float64(), "momentum": pa.float64()}, METRICS)
 FAILED = {(5, 2), (11, 0)}
 NONFINITE = {(7, 3): math.nan, (9, 1): math.inf}
 

@@ -9,13 +9,10 @@ import json
 import pyarrow.dataset as ds
 import pytest
 import torch
-import yaml
 
 from sweep.examples import digits
 from sweep.model import build_module, read_weights_file
-from sweep.config import parse_config
-from tests.conftest import digits_reference, sweep_cli, with_changes
-from tests.integration.test_recipe_studies import load
+from tests.conftest import digits_reference, repo_config, sweep_cli
 from workers.driver import run
 
 pytestmark = pytest.mark.integration
@@ -66,7 +63,7 @@ def replay(config, table):
 
 
 def test_pbt_on_two_workers_matches_an_independent_replay(repo, tmp_path, ray_cluster):
-    config = load(repo, "pbt.yaml", **SMALL)
+    config = repo_config(repo, "pbt.yaml", **SMALL)
     result = run(config, tmp_path, progress=False)
     table = rows(result)
     assert len(table) == 6 * 6 and all(r["status"] == "ok" for r in table)
@@ -91,7 +88,7 @@ def test_pbt_on_two_workers_matches_an_independent_replay(repo, tmp_path, ray_cl
     assert got["loss"] == pytest.approx(last[best]["loss"], rel=1e-5)
 
     # Reproducible: the same config and seed, the same table.
-    again = rows(run(load(repo, "pbt.yaml", name="pbt-again", **SMALL), tmp_path, progress=False))
+    again = rows(run(repo_config(repo, "pbt.yaml", name="pbt-again", **SMALL), tmp_path, progress=False))
     key = ("candidate_id", "member", "generation", "parent", "step", "lr", "momentum", "loss", "accuracy")
     assert [tuple(r[k] for k in key) for r in again] == [tuple(r[k] for k in key) for r in table]
 
@@ -104,9 +101,7 @@ def test_search_trains_without_exploit_and_logs_one_child_run_per_member(repo, t
                "study.hyperparameters": {"lr": {"distribution": "loguniform", "low": 0.01, "high": 0.5, "num": 2},
                                          "momentum": {"distribution": "choice", "values": [0.0, 0.9]}}}
     del changes["study.quantile"], changes["study.population"]  # a grid's population is its size
-    raw = yaml.safe_load((repo / "configs" / "search.yaml").read_text())
-    del raw["study"]["population"]
-    config = parse_config(with_changes(raw, changes), base_dir=repo / "configs")
+    config = repo_config(repo, "search.yaml", drop=("population",), **changes)
     result = run(config, tmp_path, progress=False)
     table = rows(result)
     assert len(table) == 4 * 3 and all(r["parent"] == r["member"] for r in table)

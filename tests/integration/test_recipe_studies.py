@@ -9,31 +9,18 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import torch
-import yaml
 
-from sweep.config import parse_config
 from sweep.examples import digits
 from sweep.model import read_weights_file
 from sweep.studies import plan
-from tests.conftest import digits_reference, sweep_cli
+from tests.conftest import digits_reference, repo_config, sweep_cli
 from workers.driver import run
 
 pytestmark = pytest.mark.integration
 
 
-def load(repo, file, **changes):
-    raw = yaml.safe_load((repo / "configs" / file).read_text())
-    for dotted, value in changes.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return parse_config(raw, base_dir=repo / "configs")
-
-
 def test_interpolate_on_workers_matches_a_hand_built_path(repo, tmp_path, ray_cluster):
-    config = load(repo, "interpolate.yaml", **{"sinks.mlflow.enabled": False, "workers.batch_size": 16})
+    config = repo_config(repo, "interpolate.yaml", **{"sinks.mlflow.enabled": False, "workers.batch_size": 16})
     result = run(config, tmp_path, progress=False)
     table = ds.dataset(str(result.results_dir), format="parquet").to_table().sort_by("candidate_id")
     assert table.num_rows == 61 and table.column("candidate_id").to_pylist() == list(range(61))
@@ -52,8 +39,8 @@ def test_interpolate_on_workers_matches_a_hand_built_path(repo, tmp_path, ray_cl
 
 def test_perturb_on_workers_is_reproducible_and_exactly_once(repo, tmp_path, ray_cluster):
     changes = {"sinks.mlflow.enabled": False, "study.count": 3000, "workers.batch_size": 512}
-    first = run(load(repo, "perturb.yaml", name="p1", **changes), tmp_path, progress=False)
-    second = run(load(repo, "perturb.yaml", name="p2", **{**changes, "workers.count": 1}), tmp_path, progress=False)
+    first = run(repo_config(repo, "perturb.yaml", name="p1", **changes), tmp_path, progress=False)
+    second = run(repo_config(repo, "perturb.yaml", name="p2", **{**changes, "workers.count": 1}), tmp_path, progress=False)
     t1 = ds.dataset(str(first.results_dir), format="parquet").to_table().sort_by("candidate_id")
     t2 = ds.dataset(str(second.results_dir), format="parquet").to_table().sort_by("candidate_id")
     assert t1.num_rows == 3000 and t1.column("candidate_id").to_pylist() == list(range(3000))
@@ -64,7 +51,7 @@ def test_perturb_on_workers_is_reproducible_and_exactly_once(repo, tmp_path, ray
     assert len(set(t1.column("worker").to_pylist())) == 2
 
     # Candidate 7 by hand: base + sigma * randn(seed) over the parameters in order.
-    config = load(repo, "perturb.yaml")
+    config = repo_config(repo, "perturb.yaml")
     base = read_weights_file(config.study.base)
     module = digits.make_model()
     names = [n for n, _ in module.named_parameters()]
@@ -78,7 +65,7 @@ def test_perturb_on_workers_is_reproducible_and_exactly_once(repo, tmp_path, ray
 
 
 def test_batches_carry_rows_not_weights(repo):
-    study = plan(load(repo, "interpolate.yaml").study)
+    study = plan(repo_config(repo, "interpolate.yaml").study)
     anchor_bytes = sum(t.numel() * t.element_size() for a in study.anchors().values()
                        for d in a.values() for t in d.values())
     batch = next(study.batches(61))

@@ -12,8 +12,7 @@ import torch
 
 from sweep.examples import digits
 from sweep.model import read_weights_file
-from tests.conftest import digits_reference, sweep_cli
-from tests.integration.test_recipe_studies import load
+from tests.conftest import digits_reference, repo_config, sweep_cli
 from workers.driver import resume, run
 
 pytestmark = pytest.mark.integration
@@ -31,7 +30,7 @@ class Stop(Exception):
 
 def test_merge_greedy_soup_rounds_survive_an_interruption(repo, tmp_path, ray_cluster):
     changes = {**QUIET, "study.lambdas": [0.4, 1.0], "study.densities": [0.3, 1.0], "workers.batch_size": 3}
-    whole = run(load(repo, "merge.yaml", name="merge-whole", **changes), tmp_path, progress=False)
+    whole = run(repo_config(repo, "merge.yaml", name="merge-whole", **changes), tmp_path, progress=False)
     want = rows(whole)
     # 1 base + 3 models + 2 task arithmetic + 4 ties + 4 dare + 1 uniform soup + 2 greedy steps + the final soup
     assert len(want) == 18 and all(r["status"] == "ok" for r in want)
@@ -59,7 +58,7 @@ def test_merge_greedy_soup_rounds_survive_an_interruption(repo, tmp_path, ray_cl
     assert whole.findings["greedy_soup_loss"] == pytest.approx(best, rel=1e-5)
 
     # Interrupted after the first greedy round; the resume replays the decision from the rows.
-    config = load(repo, "merge.yaml", name="merge-cut", **changes)
+    config = repo_config(repo, "merge.yaml", name="merge-cut", **changes)
 
     def on_batch(done, total):
         if done >= 16:
@@ -81,7 +80,7 @@ def test_merge_greedy_soup_rounds_survive_an_interruption(repo, tmp_path, ray_cl
 def test_landscape_on_workers_matches_the_plane_built_by_hand(repo, tmp_path, ray_cluster):
     changes = {**QUIET, "study.x": {"start": -0.5, "stop": 0.5, "num": 5},
                "study.y": {"start": -0.5, "stop": 0.5, "num": 4}, "workers.batch_size": 6}
-    config = load(repo, "landscape.yaml", **changes)
+    config = repo_config(repo, "landscape.yaml", **changes)
     result = run(config, tmp_path, progress=False)
     got = rows(result)
     assert len(got) == 20 and all(r["status"] == "ok" for r in got)
@@ -102,7 +101,7 @@ def test_landscape_on_workers_matches_the_plane_built_by_hand(repo, tmp_path, ra
 
 
 def test_align_on_workers_removes_the_barrier_and_saves_the_permuted_model(repo, tmp_path, ray_cluster):
-    config = load(repo, "align.yaml", **{**QUIET, "study.alphas": {"start": 0.0, "stop": 1.0, "num": 11}})
+    config = repo_config(repo, "align.yaml", **{**QUIET, "study.alphas": {"start": 0.0, "stop": 1.0, "num": 11}})
     result = run(config, tmp_path, progress=False)
     got = rows(result)
     assert len(got) == 22 and {r["path"] for r in got} == {"original", "aligned"}
@@ -125,10 +124,10 @@ def test_interpolate_with_alignment_and_slerp_on_workers(repo, tmp_path, ray_clu
     changes = {**QUIET, "study.endpoints": ["../sweep/examples/studies/deep-seed0.safetensors",
                                             "../sweep/examples/studies/deep-seed1.safetensors"],
                "model.kwargs": {"hidden": 64, "depth": 3}, "study.alphas": [0.25, 0.5, 0.75]}
-    plain = run(load(repo, "interpolate.yaml", name="plain", **changes), tmp_path, progress=False)
-    aligned = run(load(repo, "interpolate.yaml", name="aligned", **changes, **{"study.align": "weight_matching"}),
+    plain = run(repo_config(repo, "interpolate.yaml", name="plain", **changes), tmp_path, progress=False)
+    aligned = run(repo_config(repo, "interpolate.yaml", name="aligned", **changes, **{"study.align": "weight_matching"}),
                   tmp_path, progress=False)
-    spherical = run(load(repo, "interpolate.yaml", name="spherical", **changes,
+    spherical = run(repo_config(repo, "interpolate.yaml", name="spherical", **changes,
                          **{"study.align": "weight_matching", "study.method": "slerp"}), tmp_path, progress=False)
     for result in (plain, aligned, spherical):
         got = rows(result)

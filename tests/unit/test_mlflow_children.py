@@ -14,17 +14,14 @@ import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
 
+from sweep.results import results_schema
 from sweep.sinks.mlflow import NONFINITE_SUFFIX, Children, MlflowSink
 from tests.conftest import free_port
 
 METRICS = ["loss", "accuracy"]
-SCHEMA = pa.schema([
-    ("candidate_id", pa.int64()), ("status", pa.string()), ("error", pa.string()),
-    ("member", pa.int64()), ("generation", pa.int64()), ("parent", pa.int64()), ("step", pa.int64()),
-    ("lr", pa.float64()), ("momentum", pa.float64()),
-    ("loss", pa.float64()), ("accuracy", pa.float64()),
-    ("worker", pa.string()), ("node", pa.string()), ("eval_seconds", pa.float64()),
-])
+#: The results schema of a training study with two searched hyperparameters.
+SCHEMA = results_schema({"member": pa.int64(), "generation": pa.int64(), "parent": pa.int64(), "step": pa.int64(),
+                         "lr": pa.float64(), "momentum": pa.float64()}, METRICS)
 #: (member, generation) of the row that failed, and of the one whose loss is NaN.
 FAILED = (2, 1)
 NAN_LOSS = (3, 2)

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from sweep.config import parse_config
 from sweep.errors import ConfigError
 from sweep.examples import digits
 from sweep.population import Dimension, Population, exploit_pairs
 from sweep.studies import plan
 from sweep.studies.base import StudyContext
+from tests.conftest import repo_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -163,16 +162,7 @@ def test_exploit_pairs_quantiles_nan_and_random_ties():
 
 
 def load(file: str, drop=(), **changes):
-    raw = yaml.safe_load((REPO / "configs" / file).read_text())
-    for key in drop:
-        del raw["study"][key]
-    for dotted, value in changes.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return parse_config(raw, base_dir=REPO / "configs")
+    return repo_config(REPO, file, tuple(drop), **changes)
 
 
 def context(config):
