@@ -4,7 +4,7 @@ The public API lives here; everything else is reachable but private.
 """
 
 from .errors import ConfigError, SweepError, WeightsError
-from .evaluate import evaluate
+from .evaluator import CandidatesError, evaluate
 from .recipes import Affine, Merge, Noise, Recipe, Slerp
 from .types import FAILED, INVALID, OK, Invalid
 from .validate import check_candidate
@@ -21,6 +21,7 @@ __all__ = [
     "OK",
     "INVALID",
     "FAILED",
+    "CandidatesError",
     "ConfigError",
     "SweepError",
     "WeightsError",

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.func import functional_call
 
-from .evaluate import Evaluator, evaluate
+from .evaluator import Evaluator, evaluate
 from .examples import models as M
 from .recipes import Affine
 

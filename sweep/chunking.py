@@ -9,13 +9,13 @@ sizes (bounded by device memory) and keeps the fastest. When the loop wins
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import torch
 from torch.func import functional_call
 
 if TYPE_CHECKING:
-    from .evaluate import Evaluator
+    from .evaluator import Evaluator
 
 #: Chunk sizes tried, smallest first.
 TRIAL_SIZES = (8, 32, 128, 512, 2048, 8192)
@@ -75,13 +75,14 @@ def loop_chunk(param_bytes: int, bound: int) -> int:
     return max(1, min(FALLBACK_CHUNK, bound, LOOP_CHUNK_BYTES // max(param_bytes, 1)))
 
 
-def _timed(fn, min_seconds: float = TRIAL_SECONDS, max_repeat: int = 20) -> float:
+def _timed(fn, min_seconds: float = TRIAL_SECONDS, max_repeat: int = 20,
+           clock: Callable[[], float] = time.perf_counter) -> float:
     """Best of several calls: at least one, more while they add up to under `min_seconds`."""
     best, spent, count = float("inf"), 0.0, 0
     while count < 1 or (spent < min_seconds and count < max_repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         best, spent, count = min(best, elapsed), spent + elapsed, count + 1
     return best
 
@@ -120,8 +121,11 @@ def choose_chunk_size(ev: "Evaluator", limit: Optional[int] = None) -> Tuple[int
     return _CHOSEN[key]
 
 
-def _measure(ev: "Evaluator", sizes: Tuple[int, ...] = TRIAL_SIZES) -> Tuple[int, Optional[str], str]:
-    from .evaluate import CandidateError
+def _measure(ev: "Evaluator", sizes: Tuple[int, ...] = TRIAL_SIZES, *,
+             clock: Callable[[], float] = time.perf_counter,
+             budget: Callable[[torch.device], int] = memory_budget) -> Tuple[int, Optional[str], str]:
+    """The choice `choose_chunk_size` caches, timed with `clock` within `budget(device)` bytes a chunk."""
+    from .evaluator import CandidateError
 
     own = {n: p.detach() for n, p in ev.module.named_parameters()}
     if not own or any(t.device.type == "meta" for t in own.values()):
@@ -133,28 +137,29 @@ def _measure(ev: "Evaluator", sizes: Tuple[int, ...] = TRIAL_SIZES) -> Tuple[int
         per_candidate = 3 * param_bytes + 2 * activation_bytes(ev, one, shared)
     except Exception:  # noqa: BLE001 - the module's own forward fails: let the chunks tell
         return FALLBACK_CHUNK, None, ""
-    bound = max(1, memory_budget(ev.device) // max(per_candidate, 1))
+    bound = max(1, budget(ev.device) // max(per_candidate, 1))
 
     first = ev.batches[:1]
     stacked1 = {n: t.unsqueeze(0) for n, t in one.items()}
     sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
     try:
-        loop_seconds = _timed(lambda: (ev._loop_row(stacked1, shared, 0, batches=first), sync()))
+        loop_seconds = _timed(lambda: (ev._loop_row(stacked1, shared, 0, batches=first), sync()), clock=clock)
     except CandidateError:
         return FALLBACK_CHUNK, None, ""
     loop_rate = 1.0 / max(loop_seconds, 1e-9)
 
     rates: Dict[int, float] = {}
-    started = time.perf_counter()
+    started = clock()
     for k in sizes:
-        if k > bound or time.perf_counter() - started > MAX_MEASURE_SECONDS:
+        if k > bound or clock() - started > MAX_MEASURE_SECONDS:
             break
         batched = {n: t.expand((k,) + tuple(t.shape)).contiguous() for n, t in one.items()}
         try:
             # Measured without torch.compile: compiling every trial size would take minutes.
             if not rates:
                 ev._vmap_values(batched, shared, k, batches=first, compiled=False)  # warm-up
-            seconds = _timed(lambda: (ev._vmap_values(batched, shared, k, batches=first, compiled=False), sync()))
+            seconds = _timed(lambda: (ev._vmap_values(batched, shared, k, batches=first, compiled=False), sync()),
+                             clock=clock)
         except Exception:  # noqa: BLE001 - the first real chunk decides and warns
             if not rates:
                 return FALLBACK_CHUNK, None, ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -96,6 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sweep: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except SweepError as e:
+        if os.environ.get("SWEEP_DEBUG"):
+            traceback.print_exception(e)  # with its cause: a worker's own traceback, a write's OSError
         print(f"sweep: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -187,7 +190,7 @@ def _report(result, config) -> int:
         line += f"; best {objective} {s['best_' + objective]:.6g} (candidate {s['best_candidate_id']})"
     print(line)
     for key, value in result.findings.items():
-        print(f"  {key}: {value:.6g}")
+        print(f"  {key}: {value:.6g}" if isinstance(value, (int, float)) else f"  {key}: {value}")
     if s.get("worker_replacements") or s.get("batch_retries"):
         print(f"  {s['worker_replacements']} workers replaced, {s['batch_retries']} batches re-run")
     for p in result.problems:

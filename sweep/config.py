@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import difflib
 import errno
-import glob
 import hashlib
 import json
 import math
@@ -32,7 +31,7 @@ from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, C
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError, SweepError
-from .model import import_callable
+from .model import describe_file, glob_files, import_callable
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -62,25 +61,35 @@ MLFLOW_MAX_EXPERIMENT_NAME_LENGTH = 500
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are frozen."""
+    """Base of every config section: unknown keys are errors, values are frozen, and a true/false
+    setting takes only true or false (pydantic alone would also take 'yes', 'on', 'off', 1 and '0')."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _true_or_false(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and field.annotation is bool and not isinstance(value, bool):
+            raise PydanticCustomError("bool_type", "should be true or false")
+        return value
 
 
 # --------------------------------------------------------------------------- field types
 
 
 def _finite_number(value: Any) -> Any:
-    """Before float parsing: true/false and NaN/±inf (as floats or strings) are refused."""
+    """Before float parsing: true/false, strings and NaN/±inf are refused.
+
+    YAML reads every number written in decimal (`1e-3` included) as a number, so a string here was
+    quoted or written another way (`1_000`, `0x10`): Python would read some of those as numbers.
+    """
     if isinstance(value, bool):
         raise PydanticCustomError("bool_not_number", "should be a number, not true/false")
-    if isinstance(value, (float, str)):
-        try:
-            number = float(value)
-        except (ValueError, OverflowError):
-            return value  # pydantic says what is wrong with it
-        if not math.isfinite(number):
-            raise PydanticCustomError("finite_number", "should be a finite number")
+    if isinstance(value, str):
+        raise PydanticCustomError("string_not_number", "should be a number written in decimal, not a string")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("finite_number", "should be a finite number")
     return value
 
 
@@ -93,7 +102,7 @@ def _valid_text(value: Any) -> Any:
 
 #: An integer: true/false, fractions and quoted numbers are refused (lax mode would read true as 1).
 Int = Annotated[int, Strict()]
-#: A finite number: integers and numeric strings (YAML reads `1e-3` as a string) are taken, true/false refused.
+#: A finite number: integers are taken; true/false and strings (quoted numbers, `1_000`, `0x10`) are refused.
 Float = Annotated[float, BeforeValidator(_finite_number), AllowInfNan(False)]
 #: A string that can be written out.
 Text = Annotated[str, BeforeValidator(_valid_text)]
@@ -201,7 +210,8 @@ def resolve_path(value: str | Path, info: ValidationInfo) -> str:
 
 
 def path_kind(path: str) -> Optional[str]:
-    """'file', 'folder' or 'other' for what is at `path`, None when nothing is there.
+    """'file' (a regular one), 'folder', or what else is at `path` ('a FIFO (named pipe)', 'a character
+    device', …; a symbolic link is followed), None when nothing is there.
 
     Raises ValueError for a path the system cannot look at (too long, no permission, …).
     """
@@ -216,7 +226,7 @@ def path_kind(path: str) -> Optional[str]:
         raise ValueError(f"cannot look at {path}: {reason}") from None
     if stat.S_ISDIR(mode):
         return "folder"
-    return "file" if stat.S_ISREG(mode) else "other"
+    return "file" if stat.S_ISREG(mode) else describe_file(path, mode)
 
 
 def check_file(path: str) -> None:
@@ -227,7 +237,7 @@ def check_file(path: str) -> None:
     if kind == "folder":
         raise ValueError(f"{path} is a folder, not a file")
     if kind != "file":
-        raise ValueError(f"{path} is not a regular file")
+        raise ValueError(f"{path} is {kind}, not a regular file (only regular files are read)")
 
 
 
@@ -246,14 +256,26 @@ def resolve_files(values: List[str], info: ValidationInfo) -> List[str]:
     return [resolve_file(v, info) for v in values]
 
 def glob_matches_a_file(pattern: str) -> bool:
-    """Whether `pattern` (recursive `**` allowed) matches at least one thing that is not a folder."""
+    """Whether `pattern` (recursive `**` allowed) matches at least one regular file.
+
+    Raises ValueError for a pattern that also matches what is neither a folder nor a regular
+    file (a FIFO, a device: never read), or that looks through more than MAX_GLOB_ENTRIES entries.
+    """
+    files, others = 0, []
     try:
-        for match in glob.iglob(pattern, recursive=True):
-            if path_kind(match) not in (None, "folder"):
-                return True
+        for match in glob_files(pattern):
+            kind = path_kind(match)
+            if kind == "file":
+                files += 1
+            elif kind not in (None, "folder"):
+                others.append(f"{match} ({kind})")
     except OSError as e:
         raise ValueError(f"cannot search {pattern}: {e.strerror or e}") from None
-    return False
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(f"pattern {pattern} matches what is not a regular file: {shown}; only regular files "
+                         f"are read: remove them or narrow the pattern")
+    return files > 0
 
 
 class ModelSection(Section):
@@ -364,7 +386,8 @@ class MlflowSink(Section):
         description="sweeps with more candidates log per-batch summaries, not one step per candidate")
     retry_seconds: Float = Field(
         120.0, ge=0, le=MAX_SECONDS,
-        description="how long one logging request is retried (with backoff) while the server is away")
+        description="how long one logging request is retried (with backoff) while a server that has answered is "
+                    "away; one that has not answered yet is tried for 15 s at most")
 
 
 class SinksSection(Section):
@@ -438,9 +461,21 @@ class SweepConfig(Section):
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        """A short hash of the resolved config, stored with the results."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """A short hash of what decides the rows (the resolved config less NOT_IN_DIGEST), stored with them.
+
+        Where and how fast they were made is left out, so a `sweep resume` on other workers, or the same
+        sweep written elsewhere under another name, stamps the same digest.
+        """
+        decides = {key: value for key, value in self.to_dict().items() if key not in NOT_IN_DIGEST}
+        text = json.dumps(decides, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: Top-level sections that decide where and how fast rows are made, not what they hold: `name` (the run
+#: folder, the MLflow experiment), `workers` (how many, what each reserves, batching) and `sinks` (where
+#: rows go, file sizes, flush timing, MLflow settings). `evaluation` stays in: its precision changes the
+#: metrics, and compile and chunk size can change their last bits.
+NOT_IN_DIGEST = ("name", "workers", "sinks")
 
 
 IMPORT_FIELDS = (("model", "factory"), ("data", "loader"), ("metrics", "function"))
@@ -557,6 +592,41 @@ class _Loader(yaml.SafeLoader):
 
     def _at(self, node: yaml.Node) -> str:
         return self.paths.get(id(node), "")
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        """A decimal integer (the only kind YAML_12_SCALARS lets through untagged): '017' is 17, not octal."""
+        return int(self.construct_scalar(node), 10)
+
+
+#: How a plain (unquoted) scalar becomes true/false or a number: YAML 1.2's core schema, with integers in
+#: decimal only. YAML 1.1 (PyYAML's default) reads yes/no/on/off as true/false and 0x10, 0o17, 0b101,
+#: 1_000 and 1:30 (base 60) as numbers; here those are strings, which a number field refuses, naming itself.
+YAML_12_SCALARS = (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^[-+]?[0-9]+$", "-+0123456789"),
+    ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
+)
+#: YAML 1.1's implicit types that YAML_12_SCALARS replaces, and its 'value' type (a lone `=`: a string here).
+_YAML_11_SCALARS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                    "tag:yaml.org,2002:value")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_11_SCALARS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _pattern, _first in YAML_12_SCALARS:
+    _Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes a string quoted where YAML 1.1 or 1.2 would read it as something else ('yes', '1e3', '0x10'),
+    so config.yaml reads back the same here and in any other YAML reader."""
+
+
+_Dumper.yaml_implicit_resolvers = {first: list(resolvers)
+                                   for first, resolvers in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+for _tag, _pattern, _first in YAML_12_SCALARS:
+    _Dumper.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
 
 
 def _node_paths(root: yaml.Node, prefix: str) -> Dict[int, str]:
@@ -882,7 +952,7 @@ def flatten(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def dump_config(config: SweepConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return yaml.dump(config.to_dict(), Dumper=_Dumper, sort_keys=False)
 
 
 __all__: Tuple[str, ...] = ("SweepConfig", "load_config", "parse_config", "apply_override", "flatten", "dump_config",

@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 
 from .config import SweepConfig
-from .evaluate import Evaluator
+from .evaluator import Evaluator
 from .model import build_module, import_callable
 
 

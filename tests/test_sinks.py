@@ -107,15 +107,21 @@ def test_parquet_files_are_complete_and_one_schema(tmp_path):
 
 
 def test_parquet_flushes_by_time(tmp_path):
-    sink = ParquetSink(tmp_path / "r", SCHEMA, rows_per_file=10**6, flush_seconds=0.01)
-    import time
-
-    sink.write(batch(0, 3))
-    time.sleep(0.05)
-    sink.write(batch(3, 3))
-    assert len(list((tmp_path / "r").glob("part-*.parquet"))) >= 1
-    sink.close({})
-    assert read_results(tmp_path / "r").num_rows == 6
+    # Rows wait in the buffer until flush_seconds have passed since the last flush ...
+    waiting = ParquetSink(tmp_path / "waiting", SCHEMA, rows_per_file=10**6, flush_seconds=3600)
+    waiting.write(batch(0, 3))
+    waiting.write(batch(3, 3))
+    assert list((tmp_path / "waiting").glob("part-*.parquet")) == []
+    waiting.close({})
+    assert read_results(tmp_path / "waiting").num_rows == 6
+    # ... and with flush_seconds passed (0: always) each write is published, however few rows it has.
+    timely = ParquetSink(tmp_path / "timely", SCHEMA, rows_per_file=10**6, flush_seconds=0)
+    timely.write(batch(0, 3))
+    assert len(list((tmp_path / "timely").glob("part-*.parquet"))) == 1
+    timely.write(batch(3, 3))
+    assert len(list((tmp_path / "timely").glob("part-*.parquet"))) == 2
+    timely.close({})
+    assert read_results(tmp_path / "timely").num_rows == 6
 
 
 def test_conform_refuses_unknown_columns(tmp_path):

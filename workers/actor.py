@@ -12,7 +12,7 @@ import ray
 import torch
 
 from sweep.config import SweepConfig
-from sweep.evaluate import CandidateError
+from sweep.evaluator import CandidateError
 from sweep.model import load_weights
 from sweep.studies.base import CandidateBatch, RecipeBatch
 from sweep.workload import build_evaluator, resolve_device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -19,11 +20,14 @@ import pyarrow as pa
 import ray
 
 import sweep
+from sweep.claim import CLAIM_NAMES, claim
 from sweep.config import SweepConfig, check_metric_names, dump_config, flatten, load_config
 from sweep.errors import SweepError
+from sweep.model import read_file_bytes
 from sweep.results import Tally, failed_rows, results_schema
 from sweep.sinks.mlflow import Children, MlflowSink
-from sweep.sinks.parquet import ParquetSink, clear, dataset, has_results
+from sweep.sinks import close_sinks
+from sweep.sinks.parquet import ParquetSink, ResultsWriteError, clear, dataset, has_results
 from sweep.studies import plan
 from sweep.studies.base import StudyContext
 
@@ -70,7 +74,81 @@ def connect(address: Optional[str] = None) -> None:
     kwargs: Dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
         kwargs["include_dashboard"] = False
-    ray.init(address=address, **kwargs)
+        _start_reaper()
+    try:
+        ray.init(address=address, **kwargs)
+    finally:
+        os.environ.pop(REAPER_MARK, None)  # only what ray.init starts carries it
+    if not os.environ.get("SWEEP_DEBUG"):
+        _hide_start_tracebacks()
+
+
+#: What Ray's worker prints (then its traceback) when a worker's constructor raised.
+START_FAILURE = "Exception raised in creation task"
+
+
+#: The environment variable that marks the processes of the local cluster this driver starts.
+REAPER_MARK = "SWEEP_LOCAL_RAY"
+#: Seconds the reaper leaves a local cluster to stop by itself once its driver is gone.
+REAPER_GRACE_SECONDS = 2.0
+_reaper: Optional[subprocess.Popen] = None
+_reaper_mark = uuid.uuid4().hex
+
+
+def _start_reaper() -> None:
+    """Start `workers.reaper` (once per process) and mark what `ray.init()` starts next for it: once
+    this driver is gone, exited or SIGKILLed, the reaper kills what is left of those processes.
+
+    Ray SIGKILLs its GCS and raylet with the driver (PR_SET_PDEATHSIG) and the
+    workers follow within seconds, but the dashboard and runtime-env agents
+    then spend 60 s telling the dead GCS that the raylet died. The processes
+    ray.init starts carry REAPER_MARK in their environment; the reaper notes
+    them and their descendants while this process lives, and kills those
+    still running once the pipe it holds from this process closes.
+    """
+    global _reaper
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere Ray starts a reaper of its own (it has no kernel fate-sharing there)
+    if _reaper is None:
+        env = {k: v for k, v in os.environ.items() if k != REAPER_MARK}
+        # Kept referenced: the pipe must stay open for as long as this process lives.
+        _reaper = subprocess.Popen([sys.executable, "-m", "workers.reaper", f"{REAPER_MARK}={_reaper_mark}",
+                                    str(REAPER_GRACE_SECONDS)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    os.environ[REAPER_MARK] = _reaper_mark
+
+
+def _hide_start_tracebacks() -> None:
+    """Leave out the traceback a worker that could not start prints, which Ray forwards to this process.
+
+    The driver says the cause in one line ("a worker could not start: …"); `SWEEP_DEBUG=1` keeps
+    the traceback. Everything else workers print is forwarded as Ray does. Ray 2.60 lets a driver
+    filter forwarded lines only through its private dispatcher; in another release nothing is left out.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    forward = next((handler for name, handler in getattr(dispatcher, "handlers", ()) if name == "ray_print_logs"),
+                   None)
+    if forward is None:
+        return
+    failed: set = set()  # pids of workers that printed a start failure: the rest of their lines is its traceback
+
+    def filtered(data: Dict[str, Any]) -> None:
+        if data.get("pid") in failed:
+            return
+        lines = data.get("lines") or []
+        for i, line in enumerate(lines):
+            if START_FAILURE in str(line):
+                failed.add(data.get("pid"))
+                if i:
+                    forward({**data, "lines": lines[:i]})
+                return
+        forward(data)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def _present_token() -> None:
@@ -157,18 +235,21 @@ def run(
     """
     run_dir = run_dir_for(config, out)
     results = results_location(config, run_dir)
-    if config.sinks.parquet.enabled and has_results(results) and not overwrite:
-        raise SweepError(f"{results} already holds results; pass --overwrite to replace them, "
-                         f"`sweep resume {run_dir}` to finish them, or change `name`")
-    # Planned before anything is written: a study the config cannot make fails here, naming the field.
-    study = plan(config.study, StudyContext.from_config(config, run_dir))
-    if config.sinks.parquet.enabled and has_results(results):
-        clear(results)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
-    write_run_record(run_dir, name=config.name, results=results, config_digest=config.digest(),
-                     mlflow_run_id=None)
-    return _sweep(config, run_dir, results, address=address, progress=progress, on_batch=on_batch, study=study)
+    # Claimed before anything is written, held to the end: a second sweep here is refused, naming this one.
+    with claim(run_dir, results):
+        if config.sinks.parquet.enabled and has_results(results) and not overwrite:
+            raise SweepError(f"{results} already holds results; pass --overwrite to replace them, "
+                             f"`sweep resume {run_dir}` to finish them, or change `name`")
+        # Planned before the results are touched: a study the config cannot make fails here, naming the field.
+        study = plan(config.study, StudyContext.from_config(config, run_dir))
+        if config.sinks.parquet.enabled and has_results(results):
+            clear(results, keep=CLAIM_NAMES)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        write_run_record(run_dir, name=config.name, results=results, config_digest=config.digest(),
+                         mlflow_run_id=None)
+        return _sweep(config, run_dir, results, address=address, progress=progress, on_batch=on_batch,
+                      study=study)
 
 
 def resume(run_dir: Path, overrides: Sequence[str] = (), *, address: Optional[str] = None,
@@ -194,8 +275,10 @@ def resume(run_dir: Path, overrides: Sequence[str] = (), *, address: Optional[st
     results = record.get("results") or results_location(saved, run_dir)
     if not wanted.sinks.parquet.enabled:
         raise SweepError("resume needs the Parquet results (sinks.parquet.enabled is false)")
-    return _sweep(wanted, run_dir, results, address=address, progress=progress, on_batch=on_batch,
-                  resumed=True, mlflow_run_id=record.get("mlflow_run_id"))
+    with claim(run_dir, results):  # a run (or resume) still going here is refused, naming it
+        # The MLflow run keeps the params it was started with: the workers of this resume go in its tags.
+        return _sweep(wanted, run_dir, results, address=address, progress=progress, on_batch=on_batch,
+                      resumed=True, mlflow_run_id=record.get("mlflow_run_id"), params=flatten(saved.to_dict()))
 
 
 def config_differences(saved: SweepConfig, wanted: SweepConfig) -> List[str]:
@@ -219,14 +302,40 @@ def _done_ids(results: str, tally: Tally, study: Any) -> frozenset:
 
 def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optional[str], progress: Optional[bool],
            on_batch: Optional[Callable[[int, int], None]], study: Any = None, resumed: bool = False,
-           mlflow_run_id: Optional[str] = None) -> RunResult:
+           mlflow_run_id: Optional[str] = None, params: Optional[Dict[str, Any]] = None) -> RunResult:
     if study is None:
         study = plan(config.study, StudyContext.from_config(config, run_dir))
-    weights = Path(config.model.weights).read_bytes() if config.model.weights else None
+    weights = read_file_bytes(config.model.weights) if config.model.weights else None
     trains = getattr(study, "trains", False)
     if trains and resumed:
         raise SweepError(f"a {config.study.kind} study cannot be resumed (the members' weights lived on its "
                          f"workers); run it again with --overwrite")
+    try:
+        return _evaluate(config, run_dir, results, study, weights, address=address, progress=progress,
+                         on_batch=on_batch, resumed=resumed, mlflow_run_id=mlflow_run_id, params=params)
+    except ResultsWriteError as e:
+        raise SweepError(write_failure(e, run_dir, trains)) from None
+
+
+def write_failure(error: ResultsWriteError, run_dir: Path, trains: bool) -> str:
+    """What a failed results write means to the user: the rows that are safe, and how to finish."""
+    try:
+        safe = f"{dataset(error.location).count_rows():,} rows are" if has_results(error.location) else "no row is"
+    except (OSError, ValueError) as e:
+        safe = f"the rows in its complete part-*.parquet files are (they could not be counted: {_cause(e)})"
+    fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota",
+           errno.EACCES: "make it writable", errno.EPERM: "make it writable",
+           errno.EROFS: "make it writable"}.get(error.errno, "fix that")
+    finish = (f"`sweep resume {run_dir}` finishes the rest" if not trains
+              else "run it again with --overwrite (a training study cannot be resumed)")
+    return f"{error}. {safe} safe in {error.location}; {fix}, then {finish}."
+
+
+def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weights: Optional[bytes], *,
+              address: Optional[str], progress: Optional[bool], on_batch: Optional[Callable[[int, int], None]],
+              resumed: bool, mlflow_run_id: Optional[str], params: Optional[Dict[str, Any]]) -> RunResult:
+    """Start the workers, stream the study's rows through them to the sinks, and sum up."""
+    trains = getattr(study, "trains", False)
     connect(address)
     count = worker_count(config)
     if trains:
@@ -242,7 +351,8 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
     tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
     done = _done_ids(results, tally, study) if resumed else frozenset()
     schema = results_schema(study.columns, metric_names)
-    sinks = open_sinks(config, schema, metric_names, results, run_dir, len(study), count, mlflow_run_id)
+    sinks = open_sinks(config, schema, metric_names, results, run_dir, len(study), count, mlflow_run_id,
+                       params=params)
     batch_size = study.default_batch_size if config.workers.batch_size == "auto" else config.workers.batch_size
     completed = False
     try:
@@ -259,11 +369,11 @@ def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optiona
         summary["workers"] = count
         summary["worker_replacements"] = pool.replacements
         summary["batch_retries"] = pool.retries
-        for sink in sinks:
-            sink.close(summary)
+        failure = close_sinks(sinks, summary)
         for actor in pool.actors:
             ray.kill(actor)
-
+    if failure is not None:  # the last rows did not reach the results
+        raise failure
     return finish(config, run_dir, results, summary, tally, sinks, findings)
 
 
@@ -352,7 +462,7 @@ def describe_workers(actors: List[Any]) -> List[str]:
     try:
         infos = ray.get([a.describe.remote() for a in actors])
     except ray.exceptions.RayActorError as e:
-        raise SweepError(f"a worker could not start: {_cause(e)}") from None
+        raise SweepError(f"a worker could not start: {_cause(e)}") from e  # the traceback under SWEEP_DEBUG=1
     errors = [i["error"] for i in infos if i["error"]]
     if errors:
         raise SweepError(errors[0])
@@ -361,8 +471,9 @@ def describe_workers(actors: List[Any]) -> List[str]:
 
 def open_sinks(config: SweepConfig, schema, metric_names: List[str], results: str, run_dir: Path,
                total: int, workers: int, mlflow_run_id: Optional[str] = None,
-               children: Optional[List[str]] = None) -> List[Any]:
-    """The configured sinks; `children` (a training study's columns) gives each member its own MLflow run."""
+               children: Optional[List[str]] = None, params: Optional[Dict[str, Any]] = None) -> List[Any]:
+    """The configured sinks; `children` (a training study's columns) gives each member its own MLflow run;
+    `params`: the MLflow run's params (default: the flattened config)."""
     sinks: List[Any] = []
     stamp = {"sweep.name": config.name, "sweep.config_digest": config.digest(),
              **{f"sweep.version.{k}": v for k, v in versions().items()}}
@@ -376,7 +487,7 @@ def open_sinks(config: SweepConfig, schema, metric_names: List[str], results: st
             m.experiment or config.name,
             run_name=config.name,
             tracking_uri=m.tracking_uri,
-            params=flatten(config.to_dict()),
+            params=params if params is not None else flatten(config.to_dict()),
             tags={**stamp, "sweep.git_commit": git_commit(), "sweep.workers": str(workers)},
             metric_names=metric_names,
             per_candidate=total <= m.max_candidate_metrics,

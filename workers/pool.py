@@ -1,11 +1,16 @@
-"""A pool of worker actors: bounded batches in flight, lost workers replaced, lost batches re-run.
+"""A pool of worker actors: bounded batches in flight, lost workers replaced, failing batches split.
 
 Ray runs an actor call at most once: when a worker dies, its in-flight calls
 fail. The pool re-queues those batches, replaces the worker, and re-runs each
 one *alone* on a worker (nothing else in flight there), so a batch that kills
 its worker is told apart from the batches that were merely queued behind it.
-A batch that kills its worker `max_attempts` times alone becomes `failed` rows.
-Every batch is yielded exactly once, evaluated or failed.
+
+A batch that fails by its own doing (its call raised, or it killed its worker
+while running alone) is split in halves, each run alone, and so on down to
+single candidates: one bad candidate never takes good ones with it, and
+finding it among n costs about 2·log2(n) extra runs. Only a single candidate
+that fails `max_attempts` times becomes a `failed` row, with the error of its
+last attempt. Every candidate is yielded exactly once, evaluated or failed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from sweep.studies.base import CandidateBatch, Wait
 
 log = logging.getLogger("sweep")
 
-#: Times a batch may take its worker down, run alone, before its rows are recorded as failed.
+#: Times a single candidate may fail (raise, or take its worker down running alone) before it is a failed row.
 MAX_ATTEMPTS = 3
 
 
@@ -37,12 +42,18 @@ class _Slot:
 @dataclass
 class _Task:
     batch: CandidateBatch
-    failures: int = 0  # deaths of a worker while this batch ran alone
-    suspect: bool = False  # was in flight when a worker died: runs alone next time
-    last_error: str = ""
+    failures: int = 0  # runs that failed by this batch's doing: it raised, or its worker died while it ran alone
+    alone: int = 0  # of those, runs alone on a worker
+    suspect: bool = False  # failed, or was in flight when a worker died: runs alone from now on
+    origin: int = 0  # candidates in the batch it was split out of (0: not split)
 
 
 class Pool:
+    """`count` workers from `make_actor`. A single candidate is a failed row after `max_attempts` failures;
+    the pool gives up (RuntimeError) when workers die `max_replacements` times in a row with no batch
+    coming back in between: then every batch kills its worker and no split will help.
+    """
+
     def __init__(self, make_actor: Callable[[], Any], count: int, max_in_flight: int = 2,
                  max_attempts: int = MAX_ATTEMPTS, max_replacements: Optional[int] = None):
         if count < 1:
@@ -54,6 +65,8 @@ class Pool:
         self.max_replacements = max_replacements if max_replacements is not None else 4 * count + 2 * max_attempts
         self.replacements = 0
         self.retries = 0
+        self.splits = 0
+        self._deaths_in_row = 0  # worker deaths with no batch coming back in between
         self._waiting = False
 
     @property
@@ -94,26 +107,39 @@ class Pool:
                 if slot.exclusive and slot.load == 0:
                     slot.exclusive = False
             try:
-                yield task.batch, ray.get(ready[0])
-                continue
+                table = ray.get(ready[0])
             except RayActorError as e:
                 error = f"the worker died: {_cause(e)}"
-                if task.suspect:
-                    task.failures += 1
-                self._replace(index, generation)
+                own = task.suspect  # it ran alone: the death was its doing
+                self._replace(index, generation, error)
             except RayTaskError as e:
-                # The evaluation raised (not a candidate's error: those are rows). Retry alone, bounded.
-                error = f"the worker raised: {_cause(e)}"
-                task.failures += 1
+                # The evaluation raised (not a candidate's error: those are rows).
+                error, own = f"the worker raised: {_cause(e)}", True
             except RayError as e:
-                error = f"{type(e).__name__}: {_cause(e)}"
-                task.failures += 1
-            task.last_error = error
-            if task.failures >= self.max_attempts:
-                log.warning("sweep: batch of candidates %s…%s failed %d times; recorded as failed rows (%s)",
-                            task.batch.ids[0], task.batch.ids[-1], task.failures, error)
-                yield task.batch, on_failure(task.batch, f"{error} ({task.failures} attempts, each alone on a worker)")
+                error, own = f"{type(e).__name__}: {_cause(e)}", True
+            else:
+                self._deaths_in_row = 0
+                yield task.batch, table
                 continue
+            if own:
+                task.failures += 1
+                task.alone += task.suspect
+                halves = task.batch.halves()
+                if halves is not None:
+                    # Some candidate in it fails: run each half alone to find which, and keep the rest.
+                    self.splits += 1
+                    self.retries += len(halves)
+                    origin = task.origin or len(task.batch)
+                    log.info("sweep: batch of candidates %s…%s failed (%s); splitting it in %d and %d",
+                             task.batch.ids[0], task.batch.ids[-1], error, *map(len, halves))
+                    retry.extend(_Task(half, suspect=True, origin=origin) for half in halves)
+                    continue
+                if task.failures >= self.max_attempts:
+                    message = _failure_message(task, error)
+                    log.warning("sweep: candidates %s…%s recorded as failed rows: %s",
+                                task.batch.ids[0], task.batch.ids[-1], message)
+                    yield task.batch, on_failure(task.batch, message)
+                    continue
             task.suspect = True
             self.retries += 1
             retry.append(task)
@@ -155,12 +181,17 @@ class Pool:
     def _idle_slot(self) -> Optional[int]:
         return next((i for i, s in enumerate(self.slots) if s.load == 0), None)
 
-    def _replace(self, index: int, generation: int) -> None:
+    def _replace(self, index: int, generation: int, error: str) -> None:
         slot = self.slots[index]
         if slot.generation != generation:
             return  # already replaced after an earlier failed call of the same worker
-        if self.replacements >= self.max_replacements:
-            raise RuntimeError(f"workers died {self.replacements} times; giving up (last on slot {index})")
+        # Deaths that isolate a bad candidate alternate with halves that come back; deaths with nothing
+        # coming back in between mean every batch kills its worker: no split will help.
+        if self._deaths_in_row >= self.max_replacements:
+            raise RuntimeError(
+                f"workers died {self._deaths_in_row} times in a row with no batch coming back in between "
+                f"(last on slot {index}: {error}); giving up: check that the model and data run on a worker")
+        self._deaths_in_row += 1
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - it is gone already
@@ -168,6 +199,21 @@ class Pool:
         self.replacements += 1
         log.warning("sweep: a worker died; starting a replacement (%d so far)", self.replacements)
         self.slots[index] = _Slot(self.make_actor(), generation=generation + 1)
+
+
+def _failure_message(task: _Task, error: str) -> str:
+    """What happened to a batch whose attempts ran out: the last error, how often and how it ran, true on every path."""
+    runs = f"{task.failures} attempt{'s' if task.failures != 1 else ''}"
+    if task.alone == task.failures:
+        runs += ", each alone on a worker" if task.failures > 1 else ", alone on a worker"
+    elif task.alone:
+        runs += f", {task.alone} of them alone on a worker"
+    if task.origin:
+        runs += f"; split out of a batch of {task.origin} candidates"
+    if len(task.batch) > 1:
+        runs += (f"; its {type(task.batch.source).__name__} source cannot be split, so all "
+                 f"{len(task.batch)} of its candidates are failed")
+    return f"{error} ({runs})"
 
 
 def _cause(error: BaseException) -> str:

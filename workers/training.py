@@ -12,6 +12,7 @@ receiver's worker as an object reference: the driver never holds it).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -24,6 +25,7 @@ from sweep.config import SweepConfig
 from sweep.errors import SweepError
 from sweep.model import write_weights_file
 from sweep.results import Tally, results_schema
+from sweep.sinks import close_sinks
 
 from .trainer import RemoteTrainWorker
 
@@ -100,10 +102,11 @@ def train(config: SweepConfig, study: Any, run_dir: Path, count: int, weights: O
         summary.update(findings)
         summary["completed"] = completed
         summary["workers"] = len(workers)
-        for sink in sinks:
-            sink.close(summary)
+        failure = close_sinks(sinks, summary)
         for w in workers:
             ray.kill(w)
+    if failure is not None:  # the last rows did not reach the results
+        raise failure
     return summary, tally, sinks, findings
 
 
@@ -111,7 +114,7 @@ def _rows(table: pa.Table, generation: int, study: Any, parents: Dict[int, int],
           current: Dict[int, Dict[str, float]]) -> pa.Table:
     """The workers' rows with the study's columns: member, generation, parent, step, the hyperparameters."""
     members = table.column("candidate_id").to_pylist()
-    table = table.set_column(0, "candidate_id",
+    table = table.set_column(table.schema.get_field_index("candidate_id"), "candidate_id",
                              pa.array([generation * study.population + m for m in members], pa.int64()))
     columns = {
         "member": pa.array(members, pa.int64()),
@@ -162,14 +165,25 @@ def _exploit(moves: List[tuple], workers: List[Any], owner: Dict[int, int]
     return list(zip(local, hyper))
 
 
+def best_member(scores: Dict[int, float], mode: str) -> Optional[int]:
+    """The member with the best finite score (the lowest id among equals); None when no score is finite.
+
+    A NaN or ±inf score is never best, whatever the mode: a loss of −inf is a
+    diverged member, not the winner.
+    """
+    finite = {m: v for m, v in scores.items() if v is not None and math.isfinite(v)}
+    if not finite:
+        return None
+    pick = max if mode == "max" else min
+    return pick(sorted(finite), key=lambda m: finite[m])
+
+
 def _best(study: Any, workers: List[Any], owner: Dict[int, int], scores: Dict[int, float],
           run_dir: Path) -> Dict[str, float]:
     """Save the best member of the last generation as `best.safetensors`; its numbers for the summary."""
-    finite = {m: v for m, v in scores.items() if v == v}
-    if not finite:
+    best = best_member(scores, study.mode)
+    if best is None:
         return {}
-    pick = max if study.mode == "max" else min
-    best = pick(sorted(finite), key=lambda m: finite[m])
     state = ray.get(workers[owner[best]].state_dict.remote(best))
     write_weights_file(state, run_dir / "best.safetensors", metadata={"member": str(best)})
-    return {"best_member": float(best), f"best_member_{study.objective}": finite[best]}
+    return {"best_member": float(best), f"best_member_{study.objective}": scores[best]}

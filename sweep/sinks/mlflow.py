@@ -4,7 +4,10 @@ Evaluation never waits for MLflow: rows are queued and a thread sends them
 with `log_batch` inside MLflow's limits. A request that fails is retried with
 backoff for up to `retry_seconds`, so a server that goes away and comes back
 receives everything it missed; one that stays away costs a warning and a note
-in the summary, never the sweep (the Parquet results stay complete).
+in the summary, never the sweep (the Parquet results stay complete). A server
+that has not answered once (a wrong URI, no server there) is tried for
+`connect_seconds` only. The first failed request is reported at once, with how
+long the sink keeps trying, not only when it gives up.
 
 Small sweeps log every candidate's metrics with `step = candidate_id`; larger
 ones log per-batch summaries (`batch.<metric>.min|mean|max`, one step per
@@ -27,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +47,9 @@ MAX_PARAM_VALUE_LENGTH = 6000
 #: Backoff between attempts of one request: doubles from the first to the last.
 FIRST_BACKOFF = 0.5
 LONGEST_BACKOFF = 8.0
+#: How long a server that has not answered once yet is tried (a wrong URI, no server there):
+#: far shorter than `retry_seconds`, which bridges an outage of a server that did answer.
+FIRST_CONTACT_SECONDS = 15.0
 #: Seconds `close` waits for the queue to drain beyond the retry window.
 CLOSE_GRACE = 30.0
 #: Suffix of the companion metric that marks a NaN or ±inf value (MLflow stores NaN as 0 with a flag and clamps inf).
@@ -78,6 +85,7 @@ class MlflowSink:
         run_id: Optional[str] = None,
         results_uri: Optional[str] = None,
         retry_seconds: float = 120.0,
+        connect_seconds: float = FIRST_CONTACT_SECONDS,
         on_run: Optional[Callable[[str], None]] = None,
         children: Optional[Children] = None,
     ):
@@ -95,11 +103,16 @@ class MlflowSink:
         self.reopened = run_id is not None
         self.results_uri = results_uri
         self.retry_seconds = retry_seconds
+        self.connect_seconds = connect_seconds
         self.on_run = on_run
         self.errors: List[str] = []
         self.missed_metrics = 0
         self.logged_metrics = 0
-        self._down = False
+        self.reached = False  # whether the server has taken a request of this sweep
+        self._uri = _shown(tracking_uri) if tracking_uri else "the default tracking URI"
+        self._down = False  # the server did not answer within its window: one attempt per request from now on
+        self._failing = False  # a request is failing and that was reported; cleared when one gets through
+        self._retry_until = 0.0  # time.monotonic() at which the failing request is given up
         self._batches = 0
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self._params = {k: _param_value(v) for k, v in (params or {}).items()}
@@ -155,6 +168,10 @@ class MlflowSink:
     def close(self, summary: Dict[str, Any]) -> None:
         self._queue.put(("summary", summary))
         self._queue.put(_STOP)
+        if self._failing and not self._down:
+            left = max(0.0, self._retry_until - time.monotonic())
+            log.warning("waiting up to %.0f s more for MLflow at %s to take what is queued; %s%s", left, self._uri,
+                        self._safe(), self._interrupt())
         self._thread.join(self.retry_seconds + CLOSE_GRACE)
         if self._thread.is_alive():
             self._error(f"MLflow logging did not finish within {self.retry_seconds + CLOSE_GRACE:.0f} s; "
@@ -166,7 +183,8 @@ class MlflowSink:
         try:
             client = self._start()
         except Exception as e:  # the sweep goes on without MLflow
-            self._error(f"could not start the MLflow run: {type(e).__name__}: {_first_line(e)}")
+            if self.reached or not self._down:  # a server never reached has had its warning
+                self._error(f"could not start the MLflow run: {type(e).__name__}: {_first_line(e)}")
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -190,14 +208,28 @@ class MlflowSink:
                 self._error(f"MLflow logging failed: {type(e).__name__}: {_first_line(e)}")
 
     def _error(self, text: str) -> None:
-        log.warning("%s; the sweep goes on and the Parquet results stay complete", text)
+        log.warning("%s; the sweep goes on%s", text,
+                    " and the Parquet results stay complete" if self.results_uri else
+                    "; sinks.parquet is off, so what MLflow misses is kept nowhere")
         self.errors.append(text)
+
+    def _safe(self) -> str:
+        """Where the rows MLflow does not get are kept, for the warnings."""
+        if self.results_uri:
+            return f"every row still goes to the Parquet results at {self.results_uri}"
+        return "sinks.parquet is off, so what MLflow misses is kept nowhere"
+
+    def _interrupt(self) -> str:
+        if not self.results_uri:
+            return ""
+        return "; once the sweep's rows are all in, Ctrl-C during that wait loses none of them"
 
     def _start(self):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._uri = _shown(client.tracking_uri)
         if self.run_id is None:
             experiment = self._call(lambda: client.get_experiment_by_name(self.experiment), "find the experiment")
             experiment_id = (experiment.experiment_id if experiment
@@ -389,29 +421,55 @@ class MlflowSink:
 
     # -- retries -------------------------------------------------------------
     def _try(self, call: Callable[[], Any]) -> bool:
-        """Call with backoff for up to `retry_seconds`; False (and a warning) when it never got through.
+        """Call with backoff; False (and a warning) when it never got through.
 
-        While the server is known to be away each request gets one attempt, so a
-        server that never returns costs seconds, not `retry_seconds` per request.
+        A server that has answered before is tried for `retry_seconds` (an
+        outage it comes back from), one that never has for `connect_seconds` at
+        most. The first failure is reported at once, with that window. While the
+        server is known to be away each request gets one attempt, so a server
+        that never returns costs seconds, not the window per request.
         """
-        deadline = time.monotonic() + (0.0 if self._down else self.retry_seconds)
+        window = 0.0 if self._down else (self.retry_seconds if self.reached
+                                         else min(self.retry_seconds, self.connect_seconds))
+        self._retry_until = time.monotonic() + window
         backoff = FIRST_BACKOFF
         while True:
             try:
                 call()
-                if self._down:
-                    log.warning("MLflow is reachable again; sending what was queued")
-                self._down = False
-                return True
             except Exception as e:
-                if time.monotonic() + backoff > deadline:
+                if not self._failing and not self._down:
+                    self._failing = True
+                    self._report_failure(e, window)
+                left = self._retry_until - time.monotonic()
+                if left <= 0:
                     if not self._down:
-                        self._error(f"MLflow did not answer for {self.retry_seconds:.0f} s "
-                                    f"({type(e).__name__}: {_first_line(e)})")
+                        if self.reached:
+                            self._error(f"MLflow at {self._uri} did not answer for {window:g} s "
+                                        f"({_reason(e)}); what it missed is not in the MLflow run")
+                        else:
+                            self._error(f"MLflow at {self._uri} was never reached ({_reason(e)}); gave up after "
+                                        f"{window:g} s: MLflow is left out of this sweep")
                     self._down = True
                     return False
-                time.sleep(backoff)
+                time.sleep(min(backoff, left))  # the last attempt at the end of the window
                 backoff = min(LONGEST_BACKOFF, backoff * 2)
+                continue
+            if self._failing or self._down:
+                log.warning("MLflow at %s answers again; sending what was queued", self._uri)
+            self._failing = self._down = False
+            self.reached = True
+            return True
+
+    def _report_failure(self, error: BaseException, window: float) -> None:
+        """The warning of a request that failed for the first time: printed now, not when the sink gives up."""
+        again = f"for up to {window:g} s" if window else "no more"
+        if self.reached:
+            what = (f"MLflow at {self._uri} stopped answering ({_reason(error)}); {self._safe()}. "
+                    f"The metrics wait in a queue and are sent when it is back: it is tried {again}")
+        else:
+            what = (f"MLflow at {self._uri} cannot be reached ({_reason(error)}); {self._safe()}. "
+                    f"It has not answered yet, so it is tried {again}, then MLflow is left out of this sweep")
+        log.warning("%s%s", what, self._interrupt())
 
     def _call(self, call: Callable[[], Any], what: str) -> Any:
         result: List[Any] = []
@@ -443,6 +501,31 @@ def _param_value(value: Any) -> str:
     if len(text) > MAX_PARAM_VALUE_LENGTH:
         text = text[: MAX_PARAM_VALUE_LENGTH - 1] + "…"
     return text
+
+
+def _reason(error: BaseException) -> str:
+    """Why a request failed, short: the operating system's word where a socket error is under it
+    ("Connection refused", "Name or service not known"), else the error's first line."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        # requests and urllib3 keep the cause in args and `reason` as well as in the chain.
+        linked = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+        stack.extend(x for x in linked if isinstance(x, BaseException))
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _shown(uri: str) -> str:
+    """`uri` as warnings show it: without a user name or password it may carry."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _first_line(error: BaseException) -> str:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..errors import SweepError
 from .base import conform
 
 PART_PREFIX = "part-"
@@ -84,21 +85,48 @@ class ParquetSink:
         name = f"{PART_PREFIX}{self._seq:06d}-{uuid.uuid4().hex[:8]}{PART_SUFFIX}"
         self._seq += 1
         final = f"{self.root}/{name}"
-        if self.local:
-            temporary = f"{self.root}/.{name}.tmp"
-            pq.write_table(table, temporary, use_dictionary=self._dictionary)
-            with open(temporary, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(temporary, final)
-            _fsync_dir(self.root)
-        else:
-            with self.fs.open_output_stream(final) as stream:
-                pq.write_table(table, stream, use_dictionary=self._dictionary)
+        try:
+            if self.local:
+                temporary = f"{self.root}/.{name}.tmp"
+                try:
+                    pq.write_table(table, temporary, use_dictionary=self._dictionary)
+                    with open(temporary, "rb+") as f:
+                        os.fsync(f.fileno())
+                    os.replace(temporary, final)
+                except BaseException:
+                    _remove(temporary)  # a partial file holds space a full disk lacks
+                    raise
+                _fsync_dir(self.root)
+            else:
+                with self.fs.open_output_stream(final) as stream:
+                    pq.write_table(table, stream, use_dictionary=self._dictionary)
+        except OSError as e:
+            raise ResultsWriteError(self.location, e) from e
         self.files_written += 1
         self.rows_written += table.num_rows
 
     def close(self, summary: Dict[str, Any]) -> None:
         self.flush()
+
+
+class ResultsWriteError(SweepError):
+    """Rows could not be written to the results location: a full disk, a quota, no permission, …
+
+    Every file published before stays whole; the rows of the file that failed are not in the results.
+    """
+
+    def __init__(self, location: str, error: OSError):
+        self.location = location
+        self.errno = error.errno
+        self.reason = os.strerror(error.errno) if error.errno else (str(error).splitlines() or ["?"])[0]
+        super().__init__(f"cannot write results to {location}: {self.reason}")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -131,11 +159,19 @@ def read_results(location: str) -> pa.Table:
     return table
 
 
-def clear(location: str) -> None:
-    """Remove every file under a results location (for --overwrite)."""
+def clear(location: str, keep: Sequence[str] = ()) -> None:
+    """Remove everything under a results location (for --overwrite) but the names in `keep` (the claim
+    of the sweep that clears it)."""
     fs, root = resolve(str(location))
-    if fs.get_file_info(root).type == pafs.FileType.Directory:
-        fs.delete_dir_contents(root)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.base_name in keep:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
 
 
 def has_results(location: str) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -13,7 +15,13 @@ from ..recipes import AnchorSet, Rows, anchor_key
 
 
 class CandidateSource(Protocol):
-    """What a batch carries to a worker; it becomes candidates there."""
+    """What a batch carries to a worker; it becomes candidates there.
+
+    A source may also have `slice(start, stop)`, the source of candidates
+    `start:stop` alone, so that a batch that keeps failing can be split (see
+    `CandidateBatch.halves`). Without it, a source that is a dataclass of
+    parallel per-candidate lists (names, contents, …) is split field by field.
+    """
 
     def candidates(self) -> Sequence[Any]:
         """The batch's candidates: param dicts, or `Invalid` for those that could not be made."""
@@ -35,10 +43,68 @@ class CandidateBatch:
     ids: Sequence[int]  # a list or a 1-D int64 array
     columns: Dict[str, List[Any]]
     source: Union[CandidateSource, RecipeBatch]
+    #: anything else the study attaches; a list (tuple, array) as long as the batch is one value per candidate
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def slice(self, start: int, stop: int) -> "CandidateBatch":
+        """Candidates `start:stop` alone: their ids, columns, meta and source.
+
+        Raises TypeError when the source cannot be sliced (`halves` says so first).
+        """
+        n = len(self)
+        cut = _source_slicer(self.source, n)
+        if cut is None:
+            raise TypeError(f"a batch whose source is a {type(self.source).__name__} cannot be split: give the "
+                            f"source a slice(start, stop) method, or make it a dataclass of per-candidate lists")
+        start, stop, _ = slice(start, stop).indices(n)
+        return CandidateBatch(
+            ids=self.ids[start:stop],
+            columns={name: values[start:stop] for name, values in self.columns.items()},
+            source=cut(start, stop),
+            meta={k: v[start:stop] if _per_candidate(v, n) else v for k, v in self.meta.items()},
+        )
+
+    def halves(self) -> Optional[Tuple["CandidateBatch", "CandidateBatch"]]:
+        """The batch in two parts (the first the larger), or None: one candidate, or a source that cannot be split."""
+        n = len(self)
+        if n < 2 or _source_slicer(self.source, n) is None:
+            return None
+        middle = (n + 1) // 2
+        return self.slice(0, middle), self.slice(middle, n)
+
+
+def _per_candidate(value: Any, n: int) -> bool:
+    """Whether `value` holds one entry per candidate of a batch of `n` (a list, tuple or array of length n)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim >= 1 and value.shape[0] == n
+    return isinstance(value, (list, tuple)) and len(value) == n
+
+
+def _source_slicer(source: Any, n: int) -> Optional[Callable[[int, int], Any]]:
+    """How to cut `source` (of `n` candidates) to candidates start:stop, or None when there is no safe way.
+
+    A recipe batch slices its rows; a source with `slice(start, stop)` slices
+    itself; a plain list of candidates is sliced as a list; a dataclass
+    slices each field that holds one entry per candidate and keeps the others
+    (it must have at least one such field: a count kept as it is would lie).
+    """
+    if isinstance(source, RecipeBatch):
+        return lambda start, stop: RecipeBatch(source.key, source.rows.slice(start, stop))
+    if callable(getattr(source, "slice", None)):
+        return source.slice
+    if isinstance(source, (list, tuple)):
+        return lambda start, stop: source[start:stop]
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        fields = [f.name for f in dataclasses.fields(source) if f.init]
+        cut = [name for name in fields if _per_candidate(getattr(source, name), n)]
+        if not cut:
+            return None
+        return lambda start, stop: dataclasses.replace(
+            source, **{name: getattr(source, name)[start:stop] for name in cut})
+    return None
 
 
 class Wait:

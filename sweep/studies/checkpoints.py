@@ -2,12 +2,12 @@
 
 The driver reads each file's bytes (so workers on other nodes need no shared
 filesystem); the worker parses them with the safe loaders in `sweep.model`.
-A file that cannot be read or parsed becomes an `invalid` row with the reason.
+Only regular files are read, each up to the size `stat` gave; anything else (a FIFO, a
+device) and a file that cannot be read or parsed becomes an `invalid` row with the reason.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +17,8 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..config import Section, Text, checks_files, glob_matches_a_file, path_kind, resolve_path
-from ..errors import WeightsError
-from ..model import load_weights
+from ..errors import ConfigError, WeightsError
+from ..model import glob_files, load_weights, read_file_bytes
 from ..types import Invalid
 from .base import CandidateBatch, StudyBase, StudyContext
 
@@ -50,7 +50,7 @@ class Config(Section):
                     raise ValueError(f"{path} is a folder, not a file (to take the files in it, "
                                      f"write '{os.path.join(value, '*.safetensors')}')")
                 if kind != "file":
-                    raise ValueError(f"{path} is not a regular file")
+                    raise ValueError(f"{path} is {kind}, not a regular file (only regular files are read)")
             if path in resolved:
                 raise ValueError(f"the same path is listed twice (entries {resolved[path]} and {i}): {path}")
             resolved[path] = i
@@ -58,10 +58,17 @@ class Config(Section):
 
 
 def expand(patterns: Sequence[str]) -> List[str]:
-    """Files in pattern order, each pattern's matches sorted, each file once."""
+    """Files in pattern order, each pattern's matches sorted, each file once.
+
+    What is not a regular file stays in (it becomes an invalid row naming what it is); a pattern
+    that looks through more than MAX_GLOB_ENTRIES folder entries is a ConfigError.
+    """
     seen: dict = {}
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if GLOB_CHARS & set(pattern) else [pattern]
+        try:
+            matches = sorted(glob_files(pattern)) if GLOB_CHARS & set(pattern) else [pattern]
+        except ValueError as e:
+            raise ConfigError(f"study.paths: {e}") from None
         for path in matches:
             if not Path(path).is_dir():
                 seen.setdefault(path, None)
@@ -109,9 +116,9 @@ class Checkpoints(StudyBase):
 
 def _read(path: str) -> Union[bytes, str]:
     try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        return f"{path}: cannot read: {e.strerror or e}"
+        return read_file_bytes(path)
+    except WeightsError as e:
+        return str(e)
 
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Checkpoints:

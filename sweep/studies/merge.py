@@ -16,6 +16,9 @@ density come from a grid (every combination) or `search: random` (`samples`
 draws per method, uniform between the smallest and largest value given).
 Everything but the greedy soup is planned up front; the greedy soup is
 decided round by round as its rows land (and replayed from them on resume).
+It ranks the models by their own rows: when a model's row is not ok (or its
+objective is not finite) the soup stops there, its planned ids become invalid
+rows that say why, and the summary's `greedy_soup_stopped` names the model.
 Rows of task arithmetic and the soups travel as one Affine recipe over the
 task vectors; TIES and DARE as Merge rows over the same anchors.
 """
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Literal, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +37,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ..config import Float, Int, Section, Text, resolve_file, resolve_files
 from ..errors import ConfigError
 from ..recipes import AffineRows, MergeRows, Rows, anchor_set
+from ..types import OK, Invalid
 from .base import WAIT, CandidateBatch, RecipeBatch, StudyBase, StudyContext, Wait, difference, read_weights
 from .interpolate import AlphaRange, alpha_values
 
@@ -101,6 +106,20 @@ class Config(Section):
 
 
 @dataclass
+class Unmade:
+    """Candidates the study can no longer make: each becomes an invalid row with `reason` as its error."""
+
+    reason: str
+    count: int
+
+    def candidates(self) -> List[Invalid]:
+        return [Invalid(self.reason)] * self.count
+
+    def slice(self, start: int, stop: int) -> "Unmade":
+        return Unmade(self.reason, max(0, min(stop, self.count) - start))
+
+
+@dataclass
 class Plan:
     """One method's planned rows: its coefficients, and which recipe makes them."""
 
@@ -138,6 +157,8 @@ class Merge(StudyBase):
         if self.total > MAX_ROWS:
             raise ConfigError(f"study: {self.total} rows is more than {MAX_ROWS}; fewer lambdas, densities or samples")
         self.scores: Dict[int, float] = {}
+        #: why a model's own row gives the greedy soup no score, by the model's candidate id
+        self.unranked: Dict[int, str] = {}
 
     def _plans(self, config: Config) -> List[Plan]:
         lambdas, densities = alpha_values(config.lambdas), alpha_values(config.densities)
@@ -232,14 +253,16 @@ class Merge(StudyBase):
             for start in range(0, len(ids), batch_size):
                 yield self._plan_batch(plan, offset, ids[start : start + batch_size])
         if self.greedy:
-            yield from self._greedy(skip)
+            yield from self._greedy(batch_size, skip)
 
-    def _greedy(self, skip: frozenset) -> Iterator[Union[CandidateBatch, Wait]]:
+    def _greedy(self, batch_size: int, skip: frozenset) -> Iterator[Union[CandidateBatch, Wait]]:
         """Wortsman et al.'s greedy soup: one round per model after the best, then the final soup."""
         yield WAIT
         order = self._ranked([1 + i for i in range(self.n)])
         if order is None:
-            return  # a model's own row is not ok: no ranking, no soup (the summary says so)
+            # A model's own row is not ok: no ranking, no soup. Its ids become rows that say why.
+            yield from self._unmade(self._stopped(), batch_size, skip)
+            return
         soup = [order[0] - 1]
         best = self.scores[order[0]]
         for step, candidate_model in enumerate(order[1:]):
@@ -255,6 +278,30 @@ class Merge(StudyBase):
         if final not in skip:
             yield self._soup_batch(final, soup, "greedy_soup")
 
+    def _unmade(self, reason: str, batch_size: int, skip: frozenset) -> Iterator[CandidateBatch]:
+        """The greedy soup's rounds and final soup as invalid rows with `reason` (those not already done)."""
+        ids = [i for i in range(self.greedy_start, self.greedy_start + self.n) if i not in skip]
+        final = self.greedy_start + self.n - 1
+        for start in range(0, len(ids), batch_size):
+            part = ids[start : start + batch_size]
+            methods = ["greedy_soup" if i == final else "greedy_step" for i in part]
+            yield CandidateBatch(np.array(part, np.int64), {"method": methods, "soup": [None] * len(part)},
+                                 Unmade(reason, len(part)))
+
+    def _stopped(self) -> str:
+        """Why the greedy soup stopped: the models its ranking lacks, each with its row's status and error."""
+        why = []
+        for i in range(1, 1 + self.n):
+            if i in self.scores:
+                continue
+            name = f"model {i - 1} ({Path(self.config.models[i - 1]).name}, candidate {i})"
+            why.append(f"{name} {self.unranked.get(i, 'has no row')}")
+        objective = self.objective or "objective"
+        which = "that model" if len(why) == 1 else "those models"
+        return (f"greedy soup stopped: {'; '.join(why)}. The soup ranks the models by their own {objective}, so "
+                f"every model's row must be ok with a finite {objective}: fix {which} or leave "
+                f"{'it' if len(why) == 1 else 'them'} out of study.models")
+
     def _ranked(self, ids: List[int]) -> Optional[List[int]]:
         if any(i not in self.scores for i in ids):
             return None
@@ -266,21 +313,32 @@ class Merge(StudyBase):
         return value > than if self.mode == "max" else value < than
 
     def observe(self, table: pa.Table) -> None:
-        if self.objective is None or self.objective not in table.column_names:
-            return
         ids = table.column("candidate_id").to_pylist()
         status = table.column("status").to_pylist()
-        values = table.column(self.objective).to_pylist()
-        for i, s, v in zip(ids, status, values):
-            if s == "ok" and v is not None and np.isfinite(v) and (i <= self.n or i >= self.greedy_start):
+        n = len(ids)
+        errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
+        # A batch that failed as a whole carries no metric columns.
+        has_values = self.objective is not None and self.objective in table.column_names
+        values = table.column(self.objective).to_pylist() if has_values else [None] * n
+        for i, s, e, v in zip(ids, status, errors, values):
+            if not (i <= self.n or i >= self.greedy_start):
+                continue
+            if s == OK and v is not None and np.isfinite(v):
                 self.scores[i] = float(v)
+            elif 1 <= i <= self.n:
+                self.unranked[i] = (f"row was {s}: {e}" if s != OK else
+                                    f"row was ok but its {self.objective or 'objective'} is "
+                                    f"{'missing' if v is None else v}")
 
-    def summarise(self) -> Dict[str, float]:
+    def summarise(self) -> Dict[str, Any]:
+        """The final greedy soup's objective, or `greedy_soup_stopped`: why there is none."""
         if not self.greedy:
             return {}
         final = self.greedy_start + self.n - 1
-        out: Dict[str, float] = {}
-        if final in self.scores and self.objective is not None:
+        out: Dict[str, Any] = {}
+        if any(1 + i not in self.scores for i in range(self.n)):
+            out["greedy_soup_stopped"] = self._stopped()
+        elif final in self.scores and self.objective is not None:
             out[f"greedy_soup_{self.objective}"] = self.scores[final]
         return out
 

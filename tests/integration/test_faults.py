@@ -83,7 +83,7 @@ def test_a_killed_worker_loses_no_row(repo, tmp_path, ray_cluster, reference, wh
     assert_same_rows(table_of(result), reference)
 
 
-def test_a_batch_that_kills_every_worker_becomes_failed_rows(repo, tmp_path, ray_cluster):
+def test_a_candidate_that_kills_every_worker_fails_alone(repo, tmp_path, ray_cluster):
     a = {"w": torch.ones(4, 1), "scale": torch.zeros(1)}
     b = {"w": torch.ones(4, 1), "scale": torch.full((1,), 1000.0)}
     save_file(a, str(tmp_path / "a.safetensors"))
@@ -104,12 +104,12 @@ def test_a_batch_that_kills_every_worker_becomes_failed_rows(repo, tmp_path, ray
     table = ds.dataset(str(result.results_dir), format="parquet").to_table().sort_by("candidate_id")
     assert table.column("candidate_id").to_pylist() == list(range(40))
     failed = [r for r in table.to_pylist() if r["status"] == "failed"]
-    assert [r["candidate_id"] for r in failed] == [20, 21, 22, 23], "only the poisoned batch"
-    assert all("the worker died" in r["error"] and "3 attempts" in r["error"] for r in failed)
-    assert failed[1]["alpha"] == 0.5
+    assert [r["candidate_id"] for r in failed] == [21], "only the poisoned candidate: its batch was split"
+    assert "the worker died" in failed[0]["error"] and failed[0]["alpha"] == 0.5
+    assert failed[0]["error"].endswith("(3 attempts, each alone on a worker; split out of a batch of 4 candidates)")
     ok = [r for r in table.to_pylist() if r["status"] == "ok"]
-    assert len(ok) == 36 and all(r["mse"] is not None for r in ok)
-    assert result.summary["completed"] and result.summary["failed"] == 4
+    assert len(ok) == 39 and all(r["mse"] is not None for r in ok)
+    assert result.summary["completed"] and result.summary["failed"] == 1
 
 
 def start_sweep(repo, out, env, *extra):

@@ -3,6 +3,7 @@ that goes away and comes back, a slow MLflow server, and a driver killed while w
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -23,6 +24,7 @@ from sweep.results import results_schema
 from sweep.sinks.mlflow import NONFINITE_SUFFIX, MlflowSink
 from sweep.sinks.parquet import ParquetSink, read_results
 from tests.conftest import BIN, MlflowServer, free_port
+from tests.unit.test_mlflow_unreachable import Warnings
 from workers.driver import run
 
 pytestmark = pytest.mark.integration
@@ -132,6 +134,17 @@ def history(uri, run_id, key):
     return MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
 
 
+@pytest.fixture
+def sink_warnings():
+    handler = Warnings()
+    logger = logging.getLogger("sweep.sinks.mlflow")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
 def wait_for(condition, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -139,21 +152,28 @@ def wait_for(condition, timeout=60.0):
         time.sleep(0.1)
 
 
-def test_mlflow_outage_of_thirty_seconds_loses_nothing(tmp_path):
+def test_an_mlflow_outage_mid_run_is_waited_out_and_loses_nothing(tmp_path, sink_warnings):
     server = MlflowServer(tmp_path)
     server.start()
     try:
-        sink = MlflowSink("outage", tracking_uri=server.uri, metric_names=["loss"], retry_seconds=120)
+        sink = MlflowSink("outage", tracking_uri=server.uri, metric_names=["loss"], retry_seconds=120,
+                          results_uri=str(tmp_path / "results"))
         sink.write(rows(0, 50))
         wait_for(lambda: sink.logged_metrics >= 50)
         server.stop()
-        start = time.monotonic()
         for first in range(50, 550, 50):
             sink.write(rows(first, 50))
-        assert time.monotonic() - start < 1.0, "writing rows waited for MLflow"
-        time.sleep(30)
-        server.start()
-        sink.close({"ok": 550, "completed": True})
+        # Said when the first request failed, with the long window: the server has answered before.
+        said = sink_warnings.wait_for("stopped answering")
+        assert sink.reached and server.uri in said and "tried for up to 120 s" in said and "Parquet" in said
+        assert "cannot be reached" not in " ".join(sink_warnings.messages)
+        closing = threading.Thread(target=sink.close, args=({"ok": 550, "completed": True},), daemon=True)
+        closing.start()
+        assert "waiting up to" in sink_warnings.wait_for(f"more for MLflow at {server.uri}")
+        server.start()  # the same port: the sink, still trying, sends everything it queued
+        closing.join(180)
+        assert not closing.is_alive(), "close() did not return once the server was back"
+        assert "answers again" in sink_warnings.wait_for("answers again")
         assert sink.errors == [] and sink.missed_metrics == 0
         steps = sorted(m.step for m in history(server.uri, sink.run_id, "loss"))
         assert steps == list(range(550))
@@ -164,10 +184,10 @@ def test_mlflow_outage_of_thirty_seconds_loses_nothing(tmp_path):
         server.stop()
 
 
-class DelayingProxy:
-    """Forwards HTTP to `target`, holding every request `delay` seconds first."""
+class HoldingProxy:
+    """Forwards HTTP to `target`, holding every request until `gate` is set: a server as slow as it gets."""
 
-    def __init__(self, target: str, delay: float):
+    def __init__(self, target: str):
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -175,7 +195,8 @@ class DelayingProxy:
                 pass
 
             def _forward(self):
-                time.sleep(proxy.delay)
+                proxy.held.set()
+                proxy.gate.wait()
                 proxy.requests += 1
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
                 request = urllib.request.Request(target + self.path, data=body, method=self.command,
@@ -195,27 +216,38 @@ class DelayingProxy:
 
             do_GET = do_POST = do_PATCH = do_DELETE = _forward
 
-        self.delay = delay
-        self.requests = 0
+        self.held = threading.Event()  # a request has arrived and is being held
+        self.gate = threading.Event()
+        self.requests = 0  # requests forwarded
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
+        self.gate.set()
         self.server.shutdown()
 
 
 def test_slow_mlflow_does_not_slow_writing(mlflow_server):
-    proxy = DelayingProxy(mlflow_server.uri, delay=0.5)
+    proxy = HoldingProxy(mlflow_server.uri)
     try:
         sink = MlflowSink("slow", tracking_uri=proxy.uri, metric_names=["loss"])
-        start = time.monotonic()
-        for first in range(0, 2000, 100):
-            sink.write(rows(first, 100))
-        writing = time.monotonic() - start
+        assert proxy.held.wait(60), "the sink sent no request"
+        wrote = threading.Event()
+
+        def write():
+            for first in range(0, 2000, 100):
+                sink.write(rows(first, 100))
+            wrote.set()
+
+        threading.Thread(target=write, daemon=True).start()
+        # Every row is taken while the server has not answered one request of the sink.
+        assert wrote.wait(60), "rows waited for the slow server"
+        assert proxy.requests == 0
+        proxy.gate.set()
         sink.close({"completed": True})
         assert proxy.requests >= 20
-        assert writing < 0.1 * proxy.requests * proxy.delay, "rows waited for the slow server"
+        assert sink.errors == [] and sink.missed_metrics == 0
         assert sorted(m.step for m in history(mlflow_server.uri, sink.run_id, "loss")) == list(range(2000))
     finally:
         proxy.close()

@@ -3,16 +3,26 @@ failure isolation, and the module / caller tensors left untouched."""
 
 from __future__ import annotations
 
+import inspect
 import math
+import pickle
+import subprocess
+import sys
+import textwrap
+import warnings
 from pathlib import Path
+from typing import List
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._C._functorch import is_batchedtensor
 
 import sweep
 from sweep import evaluate
+from sweep.evaluator import Evaluator
 from sweep.examples import digits
 from sweep.model import read_weights_file
 
@@ -522,3 +532,168 @@ def test_module_on_meta_device_is_only_a_schema(reference, close):
     assert [r["status"] for r in rows] == ["ok", "invalid"]
     assert rows[0]["m"] == pytest.approx((3 * 2.0 + 1 * 4.0) / 4)
     assert module.weight.device.type == "meta"
+
+
+# --------------------------------------------------------------------------- metrics that return numbers
+
+
+class RecordsVmap(torch.nn.Linear):
+    """A Linear(5, 3) that records, for every forward, whether it ran under vmap (its weight batched)."""
+
+    def __init__(self):
+        super().__init__(5, 3)
+        self.under_vmap: List[bool] = []
+
+    def forward(self, x):
+        self.under_vmap.append(is_batchedtensor(self.weight))
+        return super().forward(x)
+
+
+def sweep_warnings(record) -> List[str]:
+    return [str(w.message) for w in record if str(w.message).startswith("sweep:")]
+
+
+@pytest.mark.parametrize("chunk", [2, None])
+def test_metrics_may_return_constant_numbers_under_vmap(reference, close, chunk):
+    torch.manual_seed(0)
+    module = RecordsVmap()
+    cands = random_candidates(module, 5)
+    data = regression_batches()
+
+    def metrics(out, y):
+        # Numbers that do not depend on the candidate: vmap repeats them for every candidate.
+        return {"mse": F.mse_loss(out, y), "one": 1.0, "batch": len(y), "half": np.float32(0.5)}
+
+    ev = Evaluator(module, data, metrics, chunk_size=chunk)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        rows = ev.run(cands).to_pylist()
+    ev.restore()
+    assert sweep_warnings(record) == []
+    assert ev.metrics_reason == ""
+    if chunk is not None:  # (a measured chunk size may pick the loop for a module this small)
+        assert ev.mode == "vmap"
+        assert all(module.under_vmap)
+    assert [r["status"] for r in rows] == ["ok"] * 5
+    for got, exp in zip(rows, reference(module, cands, data, metrics)):
+        close(got, exp)
+
+
+def item_metrics(out, y):
+    """Reads the loss out with .item(): a number computed from the output, which vmap cannot batch."""
+    return {"mse": F.mse_loss(out, y).item(), "one": 1.0}
+
+
+def test_metrics_returning_item_numbers_are_blamed_and_the_module_stays_under_vmap(reference, close):
+    torch.manual_seed(0)
+    module = RecordsVmap()
+    cands = random_candidates(module, 5)
+    data = regression_batches()
+    ev = Evaluator(module, data, item_metrics, chunk_size=2)
+    with pytest.warns(RuntimeWarning) as record:
+        first = ev.run(cands[:3])
+    messages = sweep_warnings(record)
+    assert len(messages) == 1, messages
+    message = messages[0]
+    assert f"the metrics function {__name__}.item_metrics does not run under torch.vmap (RuntimeError: " in message
+    assert "metric 'mse' came back as a Python number computed from the output" in message
+    assert "'one'" not in message, "a constant is not what fails"
+    assert "return tensors from it" in message and "The module still runs under vmap" in message
+    assert "does not evaluate under torch.vmap" not in message, "the module is not blamed"
+    assert ev.mode == "vmap" and ev.metrics_reason.startswith("RuntimeError: ")
+
+    module.under_vmap.clear()
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        second = ev.run(cands[3:])
+    ev.restore()
+    assert sweep_warnings(again) == [], "one warning per evaluator"
+    assert module.under_vmap and all(module.under_vmap), "later chunks run the forward under vmap too"
+    rows = first.to_pylist() + second.to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 5
+    for got, exp in zip(rows, reference(module, cands, data, item_metrics)):
+        close(got, exp)
+
+
+def test_metrics_run_per_candidate_still_fail_only_their_row():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(5, 3)
+    cands = random_candidates(module, 4)
+    cands[1] = {n: t * 100 for n, t in cands[1].items()}
+
+    def picky(out, y):
+        loss = F.mse_loss(out, y).item()
+        if loss > 100:
+            raise ValueError(f"loss {loss:.0f} is too large")
+        return {"mse": loss}
+
+    with pytest.warns(RuntimeWarning, match="the metrics function .*picky does not run under torch.vmap"):
+        rows = evaluate(module, cands, regression_batches(), picky, chunk_size=4).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok", "ok"]
+    assert rows[1]["error"].startswith("ValueError: loss ") and rows[1]["error"].endswith("is too large")
+    assert rows[1]["mse"] is None and all(math.isfinite(r["mse"]) for r in rows if r["status"] == "ok")
+
+
+# --------------------------------------------------------------------------- candidates that raise midway
+
+
+@pytest.mark.parametrize("before", [0, 5])
+def test_candidates_that_raise_midway_keep_the_rows_evaluated(reference, close, before):
+    module = make_mlp()
+    cands = random_candidates(module, before)
+    data = regression_batches()
+
+    def candidates():
+        yield from cands
+        raise OSError("the checkpoint folder went away")
+
+    with pytest.raises(sweep.CandidatesError) as caught:
+        evaluate(module, candidates(), data, regression_metrics, chunk_size=2)  # chunks of 2, 2, then 1
+    error = caught.value
+    assert isinstance(error, sweep.SweepError)
+    assert isinstance(error.__cause__, OSError) and str(error.__cause__) == "the checkpoint folder went away"
+    assert f"raised OSError after yielding {before} candidate(s): the checkpoint folder went away" in str(error)
+    assert f"the {before} row(s) evaluated before it are kept" in str(error) and ".table" in str(error)
+    table = error.table
+    assert table.num_rows == before
+    assert table.column("candidate_id").to_pylist() == list(range(before))
+    if before:
+        assert table.column_names == ["candidate_id", "status", "error", "mse", "mae"]
+        assert table.column("status").to_pylist() == ["ok"] * before
+        for got, exp in zip(table.to_pylist(), reference(module, cands, data, regression_metrics)):
+            close(got, exp)
+    assert pickle.loads(pickle.dumps(error)).table.equals(table)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_the_evaluator_module_and_the_evaluate_function_have_their_own_names():
+    import sweep.evaluator
+
+    assert sweep.evaluator.Evaluator.__module__ == "sweep.evaluator"
+    assert inspect.isfunction(sweep.evaluate) and sweep.evaluate is sweep.evaluator.evaluate
+    table = sweep.evaluate(torch.nn.Linear(2, 1), [{"weight": torch.ones(1, 2), "bias": torch.zeros(1)}],
+                           [(torch.ones(3, 2), torch.ones(3, 1))], lambda o, y: {"m": o.mean()}, chunk_size=1)
+    assert table.column("m").to_pylist() == [2.0]
+
+
+#: What a GPU box with only torch, pyarrow, numpy, pyyaml and rich lacks, among what sweep uses elsewhere.
+NOT_ON_A_GPU_BOX = ("ray", "mlflow", "pydantic", "pydantic_core", "matplotlib", "safetensors", "sklearn", "scipy",
+                    "duckdb", "workers")
+
+
+def test_evaluate_and_bench_run_without_ray_mlflow_or_pydantic(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        for name in {NOT_ON_A_GPU_BOX!r}:
+            sys.modules[name] = None  # `import name` raises ImportError, as where it is not installed
+        import torch
+        import sweep, sweep.bench, sweep.evaluator
+        table = sweep.evaluate(torch.nn.Linear(2, 1), [{{"weight": torch.ones(1, 2), "bias": torch.zeros(1)}}],
+                               [(torch.ones(3, 2), torch.ones(3, 1))], lambda o, y: {{"m": o.mean()}}, chunk_size=1)
+        print(table.column("status").to_pylist(), table.column("m").to_pylist())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['ok'] [2.0]"

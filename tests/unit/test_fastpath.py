@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sweep
-from sweep.evaluate import Evaluator
+from sweep.evaluator import Evaluator
 from sweep.examples import models
 
 # --------------------------------------------------------------------------- helpers

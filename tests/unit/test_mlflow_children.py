@@ -8,7 +8,9 @@ its hyperparameters and its metrics.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pytest
@@ -16,7 +18,6 @@ from mlflow.tracking import MlflowClient
 
 from sweep.results import results_schema
 from sweep.sinks.mlflow import NONFINITE_SUFFIX, Children, MlflowSink
-from tests.conftest import free_port
 
 METRICS = ["loss", "accuracy"]
 #: The results schema of a training study with two searched hyperparameters.
@@ -188,13 +189,53 @@ def test_columns_that_are_not_there_or_not_numbers_are_reported_once(uri):
     assert histories(client, one.child_run_ids[1], "lr") == {0: lr(1, 0), 1: lr(1, 1)}
 
 
+class AwayServer:
+    """An HTTP server that holds every request until `release` is set, then answers 503: a server that is away."""
+
+    def __init__(self):
+        self.held = threading.Event()  # a request is being held
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _away(self):
+                server.held.set()
+                server.release.wait()
+                self.send_error(503)
+
+            do_GET = do_POST = _away
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.http.shutdown()
+        self.http.server_close()
+
+
 def test_a_server_that_is_away_does_not_stop_the_sweep():
-    away = MlflowSink("pbt", tracking_uri=f"http://127.0.0.1:{free_port()}", metric_names=METRICS,
-                      children=spec(), retry_seconds=1.0)
-    start = time.monotonic()
-    for g in range(3):
-        away.write(generation(g, 4))
-    assert time.monotonic() - start < 0.5, "writing rows waited for MLflow"
-    away.close({"completed": True})
-    assert away.errors and away.child_run_ids == {}
+    server = AwayServer()
+    try:
+        away = MlflowSink("pbt", tracking_uri=server.uri, metric_names=METRICS, children=spec(), retry_seconds=1.0)
+        assert server.held.wait(60), "the sink sent no request"
+        wrote = threading.Event()
+
+        def write():
+            for g in range(3):
+                away.write(generation(g, 4))
+            wrote.set()
+
+        threading.Thread(target=write, daemon=True).start()
+        # The server holds the sink's first request and answers nothing until released: the rows go in regardless.
+        assert wrote.wait(60), "writing rows waited for MLflow"
+        server.release.set()
+        away.close({"completed": True})
+    finally:
+        server.close()
+    assert away.errors and away.child_run_ids == {} and not away.reached
     assert away.missed_metrics == 11 * 5 + 1  # 11 ok rows × (2 metrics + 3 values), and one NaN flag

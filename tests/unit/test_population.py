@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -127,7 +129,7 @@ def test_explore_follows_ray_tunes_rules_statistically():
     assert abs(resampled - 0.25 * n) < 4 * sd
     assert abs(up - down) < 4 * math.sqrt(n * 0.75 * 0.25)
 
-    # Integers are truncated after the factor, as Ray Tune does; choices move to a neighbour or resample.
+    # Integers are rounded after the factor, as Ray Tune does; choices move to a neighbour or resample.
     layers = Dimension("layers", "int", 1, 8)
     assert {layers.explore(5, rng, [1.2, 0.8], 0.0) for _ in range(200)} == {6.0, 4.0}
     width = Dimension("width", "choice", values=(16, 32, 64, 128))
@@ -140,6 +142,73 @@ def test_explore_follows_ray_tunes_rules_statistically():
     momentum = Dimension("momentum", "uniform", 0.0, 0.99)
     assert momentum.explore(0.95, np.random.default_rng(0), [1.2], 0.0) == pytest.approx(1.14)
     assert momentum.explore(0.95, np.random.default_rng(0), [1.2], 0.0, clip=True) == 0.99
+
+
+class Scripted:
+    """Hands `Dimension.explore` decisions drawn by the test: resample or not, the factor, the resampled value."""
+
+    def __init__(self, resample: bool, value: int):
+        self.resample, self.value = resample, value
+
+    def random(self) -> float:
+        return 0.0 if self.resample else 1.0
+
+    def integers(self, low: int, high: Optional[int] = None) -> int:
+        return self.value if high is not None else 0  # a resample's value, else the only factor
+
+
+def test_integer_explore_walks_as_ray_tunes_explore():
+    """200-step walks of an integer through our explore and Ray Tune 2.60's `_explore`, fed the
+    same decisions at every step (resample or which factor, and the resampled value), stay equal."""
+    from ray.tune.schedulers.pbt import _explore
+
+    layers = Dimension("layers", "int", 1, 8)
+    decisions = np.random.default_rng(11)
+    saved = random.getstate()  # Ray's explore draws from the global `random`: leave it as it was
+    try:
+        for resample_probability in (0.0, 0.25):
+            ends, rose_from_3 = set(), False
+            for start in range(1, 9):
+                for _ in range(20):
+                    ours = theirs = start
+                    for _ in range(200):
+                        resample = bool(decisions.random() < resample_probability)
+                        factor = (1.2, 0.8)[int(decisions.integers(2))]
+                        value = int(decisions.integers(1, 9))
+                        new = layers.explore(float(ours), Scripted(resample, value), [factor], 0.5)
+                        theirs = _explore({"layers": theirs}, {"layers": lambda: value}, float(resample),
+                                          (factor,), None)[0]["layers"]
+                        assert new == theirs and isinstance(theirs, int), (ours, factor, resample, new, theirs)
+                        rose_from_3 |= ours == 3 and new == 4
+                        ours = theirs
+                    ends.add(ours)
+            assert rose_from_3  # truncation kept 3 × 1.2 at 3: small integers could never rise
+            if resample_probability == 0.0:
+                # Without resampling a walk drifts down (1.2 · 0.8 < 1) and stops at 2, or stays at 1:
+                # never at 0, below `low`, where truncation took every start.
+                assert min(ends) == 1 and 2 in ends and 0 not in ends
+            assert min(ends) >= 1
+    finally:
+        random.setstate(saved)
+
+
+def test_integer_explore_rounds_half_to_even_like_ray_tune():
+    from ray import tune
+    from ray.tune.schedulers.pbt import _explore
+
+    layers = Dimension("layers", "int", 0, 100)
+    saved = random.getstate()
+    try:
+        for value, factor, want in [(3, 1.2, 4), (2, 0.8, 2), (3, 0.8, 2), (4, 1.2, 5), (1, 0.8, 1),
+                                    (5, 0.9, 4), (7, 0.5, 4), (5, 0.5, 2), (1, 0.5, 0)]:  # x.5 to the even side
+            got = layers.explore(float(value), np.random.default_rng(0), [factor], 0.0)
+            theirs = _explore({"n": value}, {"n": tune.randint(0, 101)}, 0.0, (factor,), None)[0]["n"]
+            assert got == theirs == want, (value, factor, got, theirs)
+    finally:
+        random.setstate(saved)
+    # clip keeps a rounded value within [low, high]
+    assert Dimension("n", "int", 3, 8).explore(3.0, np.random.default_rng(0), [0.8], 0.0) == 2.0
+    assert Dimension("n", "int", 3, 8).explore(3.0, np.random.default_rng(0), [0.8], 0.0, clip=True) == 3.0
 
 
 def test_exploit_pairs_quantiles_nan_and_random_ties():

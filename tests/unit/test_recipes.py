@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sweep
-from sweep.evaluate import Evaluator
+from sweep.evaluator import Evaluator
 from sweep.examples import models
 from sweep.recipes import NoiseRows
 

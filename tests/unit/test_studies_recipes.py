@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import sweep
 from sweep.config import parse_config
-from sweep.evaluate import Evaluator
+from sweep.evaluator import Evaluator
 from sweep.examples import models
 from sweep.model import build_module
 from sweep.studies import plan

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,12 +22,13 @@ from safetensors.torch import save_file
 import sweep
 from sweep.analysis import barrier
 from sweep.config import parse_config
-from sweep.evaluate import Evaluator
+from sweep.evaluator import Evaluator
 from sweep.examples import digits, models
 from sweep.model import read_weights_file
 from sweep.recipes import Merge, MergeRows, Prepared, Slerp, elect_and_merge, trim
 from sweep.studies import plan
-from sweep.studies.base import CandidateBatch, StudyContext, Wait
+from sweep.results import failed_rows
+from sweep.studies.base import CandidateBatch, RecipeBatch, StudyContext, Wait
 
 from conftest import reference_eval  # noqa: E402 - the one independent reference loop
 
@@ -74,9 +75,15 @@ def digits_context(tmp_path: Optional[Path], **kwargs) -> StudyContext:
 
 def drive(study, module, data, metrics, *, batch_size: int = 8, chunk_size: int = 4,
           skip: frozenset = frozenset(), objective: Optional[str] = "loss", mode: str = "min",
-          metric_names: Sequence[str] = DIGIT_METRICS, already: Optional[pa.Table] = None) -> List[Dict]:
+          metric_names: Sequence[str] = DIGIT_METRICS, already: Optional[pa.Table] = None,
+          lose: Callable[[CandidateBatch], Optional[str]] = lambda batch: None) -> List[Dict]:
     """A local driver: bind, (on resume) observe the rows already done, then pull batch after batch,
-    evaluating each and observing its table before asking for the next. Returns the rows by id."""
+    evaluating each and observing its table before asking for the next. Returns the rows by id.
+
+    A batch of a recipe is evaluated as a worker does it, any other through its candidates (with its
+    columns added); a batch for which `lose` gives an error becomes failed rows, as the pool records
+    a batch whose retries ran out.
+    """
     study.bind(objective, mode, metric_names)
     if already is not None:
         study.observe(already)
@@ -89,8 +96,16 @@ def drive(study, module, data, metrics, *, batch_size: int = 8, chunk_size: int 
             if isinstance(item, Wait):
                 continue  # everything already ran (and was observed) synchronously
             assert isinstance(item, CandidateBatch)
-            assert len(item) > 0  # at most batch_size: checked per study kind below
-            table = ev.run_rows(item.source.rows, item.source.key, item.ids)
+            assert 0 < len(item) <= batch_size
+            lost = lose(item)
+            if lost is not None:
+                table = failed_rows(item, lost)
+            elif isinstance(item.source, RecipeBatch):
+                table = ev.run_rows(item.source.rows, item.source.key, item.ids)
+            else:
+                table = ev.run(item.source.candidates(), item.ids)
+                for name, values in item.columns.items():
+                    table = table.append_column(name, pa.array(values))
             study.observe(table)
             for r in table.to_pylist():
                 # batches of one study carry the columns their method uses; the results hold them all
@@ -600,6 +615,89 @@ def test_greedy_soup_keeps_models_that_improve(tmp_path):
     assert any(s == "+".join(sorted(s.split("+"))) and "2" in s.split("+") for s, _ in tried)
     check_rel(rows[8], final)
     assert study.summarise() == {"greedy_soup_loss": rows[8]["loss"]}
+
+
+def greedy_config(tmp_path: Path, models_: Sequence[str]):
+    return digits_config({"kind": "merge", "base": BASE, "models": list(models_),
+                          "methods": ["task_arithmetic", "greedy_soup"], "lambdas": [0.5]}, tmp_path)
+
+
+def bad_copy(tmp_path: Path, name: str, change) -> str:
+    """FINETUNES[1] with `change` applied to its first tensor, saved as `name`."""
+    weights = {k: v.clone() for k, v in load(FINETUNES[1]).items()}
+    change(weights[next(iter(weights))])
+    path = tmp_path / name
+    save_file(weights, str(path))
+    return str(path)
+
+
+GREEDY_IDS = (5, 6, 7)  # base, 3 models, 1 task arithmetic row, then 2 greedy rounds and the final soup
+STOP_ADVICE = ("The soup ranks the models by their own loss, so every model's row must be ok with a finite loss: "
+               "fix that model or leave it out of study.models")
+
+
+def test_greedy_soup_stopped_by_an_invalid_model_gives_every_id_a_row_and_a_finding(tmp_path):
+    """A fine-tune with a NaN makes the models' own rows invalid: the soup cannot rank them, so its
+    rounds and final soup become invalid rows saying so, and the summary names the models and why."""
+    nan = bad_copy(tmp_path, "nan.safetensors", lambda t: t.view(-1)[0].fill_(math.nan))
+    config = greedy_config(tmp_path, [FINETUNES[0], nan, FINETUNES[2]])
+    study = plan(config.study, digits_context(tmp_path))
+    assert len(study) == 8
+    rows = by_id(drive(study, digits.make_model(), digits.eval_batches(), digits.metrics, batch_size=2))
+    assert sorted(rows) == list(range(8))
+    # (a NaN in one task vector reaches every row of the Affine recipe, the other models' too)
+    assert rows[2]["status"] == "invalid" and "not finite" in rows[2]["error"]
+    stopped = study.summarise()["greedy_soup_stopped"]
+    assert "greedy_soup_loss" not in study.summarise()
+    assert stopped.startswith("greedy soup stopped: model 0 (finetune-a.safetensors, candidate 1) row was invalid: ")
+    assert f"model 1 (nan.safetensors, candidate 2) row was invalid: {rows[2]['error']}" in stopped
+    assert stopped.endswith(STOP_ADVICE.replace("that model or leave it", "those models or leave them"))
+    assert [rows[i]["method"] for i in GREEDY_IDS] == ["greedy_step", "greedy_step", "greedy_soup"]
+    for i in GREEDY_IDS:
+        assert (rows[i]["status"], rows[i]["error"], rows[i]["soup"], rows[i]["loss"]) == (
+            "invalid", stopped, None, None)
+
+
+def test_greedy_soup_stopped_by_a_failed_model_row_says_so_and_survives_a_resume(tmp_path):
+    config = greedy_config(tmp_path, FINETUNES)
+    module, data = digits.make_model(), digits.eval_batches()
+    lost = "RayActorError: the worker died (2 attempts, each alone on a worker)"
+    study = plan(config.study, digits_context(tmp_path))
+    rows = by_id(drive(study, module, data, digits.metrics, batch_size=1,
+                       lose=lambda batch: lost if list(batch.ids) == [3] else None))
+    assert sorted(rows) == list(range(8))
+    assert rows[3]["status"] == "failed" and all(rows[i]["status"] == "ok" for i in (0, 1, 2, 4))
+    want = f"greedy soup stopped: model 2 (finetune-c.safetensors, candidate 3) row was failed: {lost}. {STOP_ADVICE}"
+    assert study.summarise() == {"greedy_soup_stopped": want}
+    for i in GREEDY_IDS:
+        assert (rows[i]["status"], rows[i]["error"]) == ("invalid", want)
+
+    # A resume reads these rows back: nothing is left to run, and the summary still says why.
+    again = plan(config.study, digits_context(tmp_path))
+
+    def read_back(ids):
+        keys = ("candidate_id", "status", "error", "loss", "accuracy")
+        return pa.Table.from_pylist([{k: rows[i].get(k) for k in keys} for i in ids])
+
+    assert drive(again, module, data, digits.metrics, skip=frozenset(rows), already=read_back(sorted(rows))) == []
+    assert again.summarise() == {"greedy_soup_stopped": want}
+    # A resume that lost the final soup's row makes it again, with the same error.
+    again = plan(config.study, digits_context(tmp_path))
+    last = drive(again, module, data, digits.metrics, skip=frozenset(rows) - {7}, already=read_back(range(7)))
+    assert [(r["candidate_id"], r["method"], r["status"], r["error"]) for r in last] == [
+        (7, "greedy_soup", "invalid", want)]
+
+
+def test_greedy_soup_stopped_by_a_model_with_a_non_finite_loss(tmp_path):
+    """A model row can be ok with an infinite loss (weights of 1e37 overflow the logits): unrankable too."""
+    huge = bad_copy(tmp_path, "huge.safetensors", lambda t: t.mul_(1e37))
+    config = greedy_config(tmp_path, [FINETUNES[0], huge, FINETUNES[2]])
+    study = plan(config.study, digits_context(tmp_path))
+    rows = by_id(drive(study, digits.make_model(), digits.eval_batches(), digits.metrics, batch_size=8))
+    assert rows[2]["status"] == "ok" and rows[2]["loss"] == math.inf
+    want = f"greedy soup stopped: model 1 (huge.safetensors, candidate 2) row was ok but its loss is inf. {STOP_ADVICE}"
+    assert study.summarise() == {"greedy_soup_stopped": want}
+    assert [(rows[i]["status"], rows[i]["error"]) for i in GREEDY_IDS] == [("invalid", want)] * 3
 
 
 def test_merge_random_search_draws_within_bounds_and_repeats(tmp_path):

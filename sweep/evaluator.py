@@ -4,7 +4,10 @@ Candidates (explicit dicts, or a recipe's rows) are materialised as stacked
 tensors on the device, one `[k, *shape]` tensor per parameter, and evaluated
 with `vmap(functional_call)` in one pass per data batch. A module that does not
 vmap is detected on its first chunk and evaluated with the per-candidate loop
-from then on, with a warning that says why; the rows are the same either way.
+from then on, with a warning that says why; a metrics function that does not
+vmap (one that calls `.item()`, say) keeps the forward under vmap and runs the
+metrics one candidate at a time, with a warning that names it. The rows are the
+same either way.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import time
 import warnings
 from itertools import islice
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +23,7 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from .errors import SweepError
 from .recipes import Prepared, Recipe, Rows, anchor_key
 from .types import FAILED, INVALID, OK, Batch, Invalid, MetricsFn
 from .validate import Schema
@@ -50,7 +54,9 @@ def evaluate(
     the recipe's columns, and one float64 column per metric (null when the row
     is not ok). The module is evaluated in eval mode, and its parameters,
     buffers and mode are as before when this returns; the caller's tensors are
-    never mutated.
+    never mutated. When the `candidates` iterable itself raises midway,
+    `CandidatesError` is raised from its error, with the rows of every
+    candidate it yielded before in `.table`.
 
     `precision="bf16"` stores the materialised weights (and the inputs) in
     bfloat16; `compile=True` compiles the vmapped call with `torch.compile`;
@@ -97,6 +103,20 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 class CandidateError(Exception):
     """A candidate whose forward or metrics failed; the row becomes `failed`."""
+
+
+class CandidatesError(SweepError):
+    """The candidates iterable raised midway; `.table` holds the rows of every candidate it yielded before.
+
+    The iterable's own error is the `__cause__`.
+    """
+
+    def __init__(self, message: str, table: pa.Table):
+        super().__init__(message)
+        self.table = table
+
+    def __reduce__(self):  # the table survives pickling (a Ray task, a process pool)
+        return type(self), (str(self), self.table)
 
 
 _STATUS_NAMES = np.array([OK, INVALID, FAILED], dtype=object)
@@ -170,6 +190,8 @@ class Evaluator:
         self.metric_names: Optional[Tuple[str, ...]] = None
         self.mode: Optional[str] = None  # "vmap" or "loop", decided on the first chunk
         self.mode_reason = ""
+        #: Why the metrics run one candidate at a time after a vmapped forward ("" while they vmap).
+        self.metrics_reason = ""
         self.compile_seconds = 0.0
         self._calls: Dict[Tuple[str, bool], Callable[..., Any]] = {}
         self._anchors: Dict[str, Any] = {}
@@ -212,14 +234,30 @@ class Evaluator:
         chunks = []
         limit = len(candidates) if hasattr(candidates, "__len__") else None
         iterator = iter(candidates)
+        failure: Optional[Exception] = None
         while True:
-            items = list(islice(iterator, self._chunk_hint(limit)))
-            if not items:
+            size = self._chunk_hint(limit)
+            items: List[Any] = []
+            try:
+                for candidate in islice(iterator, size):
+                    items.append(candidate)
+            except Exception as e:  # noqa: BLE001 - the candidates yielded before it are still evaluated
+                failure = e
+            if items:
+                start = time.perf_counter()
+                chunk = self._explicit_chunk(items)
+                chunks.append((chunk, time.perf_counter() - start))
+            if failure is not None or len(items) < size:
                 break
-            start = time.perf_counter()
-            chunk = self._explicit_chunk(items)
-            chunks.append((chunk, time.perf_counter() - start))
-        return self._table(chunks, ids, {}, timing)
+        if failure is None:
+            return self._table(chunks, ids, {}, timing)
+        n = sum(c.k for c, _ in chunks)
+        table = self._table(chunks, None if ids is None else ids[:n], {}, timing)
+        raise CandidatesError(
+            f"the candidates iterable raised {type(failure).__name__} after yielding {n} candidate(s): "
+            f"{_first_line(failure)}; the {n} row(s) evaluated before it are kept: catch sweep.CandidatesError "
+            f"and read its .table (the usual results table), then fix the iterable and evaluate the rest",
+            table) from failure
 
     def add_anchors(self, anchors: Mapping[str, Mapping[str, Any]], key: Optional[str] = None) -> str:
         """Validate a recipe's anchors once and keep them on the device; returns their key."""
@@ -382,11 +420,11 @@ class Evaluator:
         """Evaluate k stacked candidates; rows[i] is where candidate i's result goes in `chunk`."""
         if self.mode != "loop":
             k = next(iter(batched.values())).shape[0] if batched else len(rows)
-            # A forward that writes to its buffers gets a fresh copy per chunk: no state
-            # leaks from one chunk (or candidate) to the next, and the module's stay as they are.
-            shared = {n: b.clone() if n in self.buffers else b for n, b in shared.items()}
             try:
-                values = self._vmap_values(batched, shared, k)
+                if self.metrics_reason:
+                    self._fill(rows, self._forward_rows(batched, self._fresh(shared), len(rows))[0], chunk)
+                    return
+                values = self._vmap_values(batched, self._fresh(shared), k)
             except Exception as e:  # noqa: BLE001 - any failure: the loop decides what it was
                 if is_out_of_memory(e) and len(rows) > 1:
                     # Too big for the device: halve the chunk (and every later one) and try again.
@@ -397,6 +435,8 @@ class Evaluator:
                     for part in (slice(0, half), slice(half, len(rows))):
                         self._evaluate_stacked({n: t[part] for n, t in batched.items()}, shared, rows[part], chunk)
                     return
+                if not self.metrics_reason and self._metrics_do_not_vmap(batched, shared, rows, chunk, e):
+                    return
                 self._loop_chunk(batched, shared, rows, chunk, vmap_error=e)
                 return
             if self.mode is None:
@@ -406,6 +446,86 @@ class Evaluator:
                 column[rows] = array[: len(rows)]  # a padded chunk has extra rows at the end
             return
         self._loop_chunk(batched, shared, rows, chunk)
+
+    def _fresh(self, shared: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """`shared` with its buffers copied: a forward that writes to them leaks no state from one
+        chunk (or candidate) to the next, and the module's stay as they are."""
+        return {n: b.clone() if n in self.buffers else b for n, b in shared.items()}
+
+    def _metrics_do_not_vmap(self, batched, shared, rows, chunk, vmap_error: BaseException) -> bool:
+        """After a vmapped chunk failed: when the forward alone runs under vmap, the metrics function is
+        what does not. Then the chunk is evaluated with the metrics one candidate at a time, as every later
+        chunk will be, with a warning that names the metrics function; returns whether it was."""
+        try:
+            results, numbers = self._forward_rows(batched, self._fresh(shared), len(rows))
+        except Exception:  # noqa: BLE001 - the forward does not vmap either: the loop decides
+            return False
+        if not any(isinstance(r, dict) for r in results):
+            return False  # every row failed: nothing tells the metrics apart from the module
+        if self.mode is None:
+            self.mode = "vmap"
+        self.metrics_reason = f"{type(vmap_error).__name__}: {_first_line(vmap_error)}"
+        self._fill(rows, results, chunk)
+        ok = [r for r in results if isinstance(r, dict)]
+        # A number that differs between candidates was computed from the output; a constant vmaps.
+        varying = sorted(n for n in numbers if len({r[n] for r in ok}) > 1) or sorted(numbers)
+        which = ""
+        if varying:
+            which = (f"; metric {', '.join(map(repr, varying))} came back as a Python number computed from the "
+                     f"output (.item(), float()), which vmap cannot batch")
+        warnings.warn(
+            f"sweep: the metrics function {_callable_name(self.metrics)} does not run under torch.vmap "
+            f"({self.metrics_reason}){which}; return tensors from it (e.g. `(out.argmax(1) == y).float().mean()`, "
+            f"not `.item()`) to evaluate at full speed. The module still runs under vmap; only the metrics "
+            f"are computed one candidate at a time (same results, slower)",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return True
+
+    def _forward_rows(self, batched: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor],
+                      count: int) -> Tuple[List[Any], Set[str]]:
+        """The forward under vmap, the metrics one candidate at a time (for a metrics function that does
+        not vmap): each of the first `count` rows' metric values, or the error that fails the row, and the
+        names of metrics that came back as plain numbers. Raises when the forward itself fails."""
+        call = self._call("forward", False)
+        sums: List[Dict[str, torch.Tensor]] = [{} for _ in range(count)]
+        errors: Dict[int, str] = {}
+        numbers: Set[str] = set()
+        with torch.no_grad():
+            for x, y, n in self.batches:
+                out = self._to_float(call(batched, shared, x))
+                for i in range(count):
+                    if i in errors:
+                        continue
+                    try:
+                        got = self.metrics(tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, out), y)
+                        checked = self._check_metrics(got)
+                    except CandidateError as e:
+                        errors[i] = str(e)
+                        continue
+                    except Exception as e:  # noqa: BLE001 - any error in user code fails this row only
+                        errors[i] = f"{type(e).__name__}: {e}"
+                        continue
+                    numbers.update(name for name, value in got.items() if not isinstance(value, torch.Tensor))
+                    for name, value in checked.items():
+                        term = value * n
+                        sums[i][name] = sums[i][name] + term if name in sums[i] else term
+                    if self.metric_names is None:
+                        self.metric_names = tuple(checked)
+        results: List[Any] = [errors[i] if i in errors else
+                              {name: float(total.item()) / self.total for name, total in sums[i].items()}
+                              for i in range(count)]
+        return results, numbers
+
+    def _fill(self, rows: np.ndarray, results: List[Any], chunk: _Chunk) -> None:
+        """Put each row's metric values (or the error that failed it) where the row goes in `chunk`."""
+        for row, result in zip(rows, results):
+            if isinstance(result, str):
+                chunk.mark(row, FAILED, result)
+                continue
+            for name, value in result.items():
+                chunk.values.setdefault(name, np.full(chunk.k, np.nan))[row] = value
 
     def _loop_chunk(self, batched, shared, rows, chunk, vmap_error: Optional[BaseException] = None) -> None:
         any_ok = False
@@ -469,16 +589,24 @@ class Evaluator:
         return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)
 
     def _call(self, kind: str, compiled: bool) -> Callable[..., Any]:
-        """The forward-and-metrics call for one candidate ('single') or a stacked chunk ('vmap')."""
+        """The forward-and-metrics call for one candidate ('single') or a stacked chunk ('vmap'), or the
+        forward alone for a stacked chunk ('forward')."""
         key = (kind, compiled)
         if key not in self._calls:
-            module, metrics, to_float = self.module, self.metrics, self._to_float
+            module, metrics, to_float, device = self.module, self.metrics, self._to_float, self.device
+
+            def forward(params, shared, x):
+                return functional_call(module, (params, shared), (x,), strict=True)
 
             def one(params, shared, x, y):
-                out = functional_call(module, (params, shared), (x,), strict=True)
-                return metrics(to_float(out), y)
+                return _numbers_as_tensors(metrics(to_float(forward(params, shared, x)), y), device)
 
-            call = one if kind == "single" else torch.vmap(one, in_dims=(0, None, None, None), randomness="different")
+            if kind == "forward":
+                call = torch.vmap(forward, in_dims=(0, None, None), randomness="different")
+            elif kind == "single":
+                call = one
+            else:
+                call = torch.vmap(one, in_dims=(0, None, None, None), randomness="different")
             self._calls[key] = torch.compile(call, dynamic=False) if compiled else call
         return self._calls[key]
 
@@ -577,6 +705,31 @@ class Evaluator:
                 np.concatenate([np.full(c.k, t / max(c.k, 1)) for c, t in chunks]) if chunks else np.array([]),
                 pa.float64())
         return pa.table(columns)
+
+
+def _is_number(value: Any) -> bool:
+    """A plain number a metrics function may return for a metric: int, float, or a numpy scalar."""
+    if isinstance(value, torch.Tensor) or isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) or (hasattr(value, "item") and getattr(value, "size", None) == 1)
+
+
+def _numbers_as_tensors(got: Any, device: torch.device) -> Any:
+    """`got` with its plain numbers as 0-d tensors: a vmapped call returns only tensors, and vmap
+    repeats a constant (one that does not depend on the candidate) for every candidate."""
+    if not isinstance(got, Mapping) or not any(_is_number(v) for v in got.values()):
+        return got
+    return {name: torch.tensor(float(v.item() if hasattr(v, "item") else v), dtype=torch.float64, device=device)
+            if _is_number(v) else v for name, v in got.items()}
+
+
+def _callable_name(fn: Any) -> str:
+    """`module.qualname` of a function (what a config's `metrics.function` names), else its repr."""
+    qualname = getattr(fn, "__qualname__", None)
+    if qualname is None:
+        return repr(fn)
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{qualname}" if module else qualname
 
 
 def _check_batch_shapes(batches: List[Tuple[Any, Any, int]]) -> None:
