@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
-import logging
-
 import pyarrow.dataset as ds
 import pytest
 
 from sweep.config import parse_config
 from sweep.sinks.mlflow import FIRST_CONTACT_SECONDS
 from tests.conftest import edited_quickstart, free_port
-from tests.unit.test_mlflow_unreachable import Warnings
 from workers.driver import run
 
 pytestmark = pytest.mark.integration
 
 
-def test_unreachable_mlflow_is_reported_while_the_sweep_runs_and_given_up_soon(repo, tmp_path, ray_cluster):
+def test_unreachable_mlflow_is_reported_while_the_sweep_runs_and_given_up_soon(repo, tmp_path, ray_cluster, sink_warnings):
     uri = f"http://127.0.0.1:{free_port()}"
     config = parse_config(edited_quickstart(repo, {"name": "mlflow-away", "workers.count": 1,
                                                    "sinks.mlflow.tracking_uri": uri}), base_dir=repo)
     assert config.sinks.mlflow.retry_seconds > FIRST_CONTACT_SECONDS  # the default: an outage gets the long wait
     said = []
-    handler = Warnings()
-    logger = logging.getLogger("sweep.sinks.mlflow")
-    logger.addHandler(handler)
 
     def on_batch(done: int, total: int) -> None:
         if done == total:  # every row is in; the sinks are not closed yet
-            said.append(handler.wait_for("cannot be reached"))
+            said.append(sink_warnings.wait_for("cannot be reached"))
 
-    try:
-        result = run(config, tmp_path, progress=False, on_batch=on_batch)
-    finally:
-        logger.removeHandler(handler)
+    result = run(config, tmp_path, progress=False, on_batch=on_batch)
     assert said, "the sweep never landed its last batch"
     results = tmp_path / "runs" / "mlflow-away" / "results"
     assert uri in said[0] and "Connection refused" in said[0] and f"Parquet results at {results}" in said[0]

@@ -3,7 +3,6 @@ that goes away and comes back, a slow MLflow server, and a driver killed while w
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
@@ -24,7 +23,6 @@ from sweep.results import results_schema
 from sweep.sinks.mlflow import NONFINITE_SUFFIX, MlflowSink
 from sweep.sinks.parquet import ParquetSink, read_results
 from tests.conftest import BIN, MlflowServer, free_port
-from tests.unit.test_mlflow_unreachable import Warnings
 from workers.driver import run
 
 pytestmark = pytest.mark.integration
@@ -132,17 +130,6 @@ def history(uri, run_id, key):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
-
-
-@pytest.fixture
-def sink_warnings():
-    handler = Warnings()
-    logger = logging.getLogger("sweep.sinks.mlflow")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 def wait_for(condition, timeout=60.0):

@@ -5,48 +5,11 @@ The tracking URI points at a port that was bound and closed again, so every requ
 
 from __future__ import annotations
 
-import logging
-import threading
-from typing import List
 
 import pyarrow as pa
-import pytest
 
 from sweep.sinks.mlflow import FIRST_CONTACT_SECONDS, MlflowSink
 from tests.conftest import free_port
-
-
-class Warnings(logging.Handler):
-    """The sink's warnings as they are logged, for waiting on one without sleeping."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: List[str] = []
-        self._changed = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._changed:
-            self.messages.append(record.getMessage())
-            self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float = 60.0) -> str:
-        """The first warning containing `text`, once it has been logged (at most `timeout` seconds from now)."""
-        with self._changed:
-            self._changed.wait_for(lambda: any(text in m for m in self.messages), timeout)
-            found = [m for m in self.messages if text in m]
-        assert found, f"no warning with {text!r}; got {self.messages}"
-        return found[0]
-
-
-@pytest.fixture
-def sink_warnings():
-    handler = Warnings()
-    logger = logging.getLogger("sweep.sinks.mlflow")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 def rows(start: int, n: int) -> pa.Table:
