@@ -3,23 +3,63 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .types import FAILED, INVALID, OK
 
-LEADING = (("candidate_id", pa.int64()), ("status", pa.string()), ("error", pa.string()))
-TRAILING = (("worker", pa.string()), ("node", pa.string()), ("eval_seconds", pa.float64()))
+#: Where a column's role is written in its Parquet field metadata.
+ROLE_KEY = b"sweep.role"
+#: The roles a results column plays. `key`: candidate_id; `outcome`: status and error; `recipe`: what
+#: describes a candidate (alpha, seed, a hyperparameter); `lineage`: who a row descends from and when
+#: (member, generation, parent, step); `metric`: what the metrics function returned; `provenance`:
+#: where and how fast the row was made (worker, node, eval_seconds).
+KEY, OUTCOME, RECIPE, LINEAGE, METRIC, PROVENANCE = "key", "outcome", "recipe", "lineage", "metric", "provenance"
+ROLES = (KEY, OUTCOME, RECIPE, LINEAGE, METRIC, PROVENANCE)
+
+LEADING = (("candidate_id", pa.int64(), KEY), ("status", pa.string(), OUTCOME), ("error", pa.string(), OUTCOME))
+TRAILING = (("worker", pa.string(), PROVENANCE), ("node", pa.string(), PROVENANCE),
+            ("eval_seconds", pa.float64(), PROVENANCE))
 
 
-def results_schema(recipe_columns: Mapping[str, pa.DataType], metric_names: Sequence[str]) -> pa.Schema:
-    """candidate_id, status, error, the recipe columns, one float64 per metric, worker, node, eval_seconds."""
-    fields = [pa.field(n, t) for n, t in LEADING]
-    fields += [pa.field(n, t) for n, t in recipe_columns.items()]
-    fields += [pa.field(n, pa.float64()) for n in metric_names]
-    fields += [pa.field(n, t) for n, t in TRAILING]
+def column(name: str, type: pa.DataType, role: str = RECIPE) -> pa.Field:
+    """A results column with its role in the field metadata."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return pa.field(name, type, metadata={ROLE_KEY: role.encode()})
+
+
+def role_of(field: pa.Field) -> Optional[str]:
+    """The role written in a column's metadata, or None (results written before roles were)."""
+    value = (field.metadata or {}).get(ROLE_KEY)
+    return value.decode() if value is not None else None
+
+
+def roles(schema: pa.Schema) -> Dict[str, Optional[str]]:
+    """{column: role} for every column of a results schema (None where no role was written)."""
+    return {f.name: role_of(f) for f in schema}
+
+
+def columns_of(schema: pa.Schema, role: str) -> List[str]:
+    """The columns of `schema` that play `role`, in schema order."""
+    return [f.name for f in schema if role_of(f) == role]
+
+
+def results_schema(study_columns: Union[Sequence[pa.Field], Mapping[str, pa.DataType]],
+                   metric_names: Sequence[str]) -> pa.Schema:
+    """candidate_id, status, error, the study's columns, one float64 per metric, worker, node, eval_seconds,
+    each with its role in the field metadata.
+
+    `study_columns`: fields made with `column` (a plain {name: type} mapping makes recipe columns).
+    """
+    if isinstance(study_columns, Mapping):
+        study_columns = [column(n, t) for n, t in study_columns.items()]
+    fields = [column(n, t, r) for n, t, r in LEADING]
+    fields += [f if role_of(f) is not None else column(f.name, f.type) for f in study_columns]
+    fields += [column(n, pa.float64(), METRIC) for n in metric_names]
+    fields += [column(n, t, r) for n, t, r in TRAILING]
     names = [f.name for f in fields]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import Float, Int, Section, Text, resolve_file
+from ..files import resolve_file
+from ..settings import Float, Int, Section, Text
 from ..model import write_weights_file
 from ..recipes import AffineRows, anchor_set
 from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext

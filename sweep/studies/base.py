@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 
 from ..recipes import AnchorSet, Rows, anchor_key
+from ..results import LINEAGE, RECIPE, column
 
 
 class CandidateSource(Protocol):
@@ -153,6 +154,16 @@ class StudyBase:
     objective: Optional[str] = None
     mode: str = "min"
     metric_names: Sequence[str] = ()
+    #: the study's columns (name → Arrow type) in the order they are written; every one is a recipe
+    #: column unless `lineage` names it
+    columns: Dict[str, pa.DataType] = {}
+    #: the columns among `columns` that say who a row descends from and when (member, generation, parent, step)
+    lineage: Tuple[str, ...] = ()
+    #: False for a study whose state lives only on its workers; `not_resumable` then says why
+    resumable: bool = True
+    not_resumable: str = ""
+    #: the members a study keeps on the workers between rounds (see `sweep.population.PopulationPlan`), or None
+    population: Optional[Any] = None
     #: a recipe study's anchors and their content key (None for studies of explicit candidates)
     key: Optional[str] = None
     _anchors: Optional[AnchorSet] = None
@@ -176,6 +187,14 @@ class StudyBase:
 
     def summarise(self) -> Dict[str, float]:
         """Numbers that need all rows (a path's barrier), for the summary and MLflow."""
+        return {}
+
+    def fields(self) -> List[pa.Field]:
+        """The study's results columns with their roles (written into the Parquet field metadata)."""
+        return [column(name, type, LINEAGE if name in self.lineage else RECIPE) for name, type in self.columns.items()]
+
+    def saved_members(self) -> Dict[str, int]:
+        """Weights files to write into the run folder at the end: file name → member (a population study's best)."""
         return {}
 
 

@@ -16,7 +16,8 @@ from typing import Any, Iterator, List, Literal, Optional, Sequence, Union
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import Section, Text, checks_files, glob_matches_a_file, path_kind, resolve_path
+from ..files import checks_files, glob_matches_a_file, path_kind, resolve_path
+from ..settings import Section, Text
 from ..errors import ConfigError, WeightsError
 from ..model import glob_files, load_weights, read_file_bytes
 from ..types import Invalid

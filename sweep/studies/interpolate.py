@@ -25,7 +25,8 @@ import torch
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from ..analysis import barrier, metric_mode
-from ..config import Float, Int, Section, Text, resolve_files
+from ..files import resolve_files
+from ..settings import Float, Int, Section, Text
 from ..errors import ConfigError
 from ..model import write_weights_file
 from ..recipes import AffineRows, AnchorSet, Rows, SlerpRows, anchor_set

@@ -25,7 +25,8 @@ import pyarrow as pa
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ..config import Int, Section, Text, resolve_file, resolve_files
+from ..files import resolve_file, resolve_files
+from ..settings import Int, Section, Text
 from ..errors import ConfigError
 from ..recipes import AffineRows, anchor_set
 from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, difference, read_weights

@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ..config import Float, Int, Section, Text, resolve_file, resolve_files
+from ..files import resolve_file, resolve_files
+from ..settings import Float, Int, Section, Text
 from ..errors import ConfigError
 from ..recipes import AffineRows, MergeRows, Rows, anchor_set
 from ..types import OK, Invalid

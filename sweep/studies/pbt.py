@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 from pydantic import Field, model_validator
 
-from ..config import Float, ImportPath, Int, Kwargs, Section
+from ..settings import Float, ImportPath, Int, Kwargs, Section
 from ..errors import ConfigError
 from ..population import OPTIMIZERS, Dimension, exploit_pairs, loss_keywords
 from .base import StudyBase, StudyContext

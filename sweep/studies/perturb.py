@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import Float, Int, Section, Text, resolve_file
+from ..files import resolve_file
+from ..settings import Float, Int, Section, Text
 from ..recipes import NoiseRows, anchor_set
 from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, read_weights
 

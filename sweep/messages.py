@@ -1,0 +1,60 @@
+"""How messages show values and errors: short, one line, safe to print."""
+
+from __future__ import annotations
+
+import math
+import reprlib
+from typing import Any
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """A short, safe repr for messages: never raises, never spans lines."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {_digits(value)} digits"
+    try:
+        text = _REPR.repr(value)
+    except Exception:
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _digits(value: int) -> int:
+    return int(abs(value).bit_length() * math.log10(2)) + 1
+
+
+def kind_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return f"a {type(value).__name__}"
+
+
+def first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def one_line(text: str) -> str:
+    """Control characters and line breaks escaped: a message is always one printable line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def last_line(error: BaseException, limit: int = 500) -> str:
+    """The last line of an error that is not part of a traceback: what a remote error says in the end."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("File ", "Traceback", "^")):
+            return line[:limit]
+    return type(error).__name__
