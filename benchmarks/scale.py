@@ -75,7 +75,7 @@ def main() -> None:
             rss, name = rss_and_name(pid)
             if pid == proc.pid:
                 peak["driver"] = max(peak["driver"], rss)
-            elif "EvalWorker" in name:
+            elif "SweepWorker" in name:
                 peak["worker"] = max(peak["worker"], rss)
         time.sleep(0.2)
     wall = time.monotonic() - start

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -56,7 +57,8 @@ class Result:
     engine: Dict[str, float] = field(default_factory=dict)
     ratio: Dict[str, float] = field(default_factory=dict)
     compile_seconds: Optional[float] = None
-    mode: str = ""
+    #: how the engine ran its chunks: "vmap" or "loop"
+    strategy: str = ""
     chunk_size: int = 0
     roofline: Optional[float] = None
     roofline_fraction: Dict[str, float] = field(default_factory=dict)
@@ -160,7 +162,7 @@ def run_bench(device: str = "cpu", models: Optional[List[str]] = None, *, compil
                 k, lambda: evaluate(module, recipe, data, spec.metrics, device=dev, precision=precision), dev)
         probe = Evaluator(module, data, spec.metrics, device=dev)
         probe.run(Affine(a, [d], alphas[:, None]))
-        result.mode, result.chunk_size = probe.mode or "", probe.chunk_size or 0
+        result.strategy, result.chunk_size = probe.strategy or "", probe.chunk_size or 0
         probe.restore()
 
         if compile:
@@ -191,7 +193,7 @@ def environment(device: str) -> Dict[str, Any]:
 def format_table(results: List[Result], env: Dict[str, Any]) -> str:
     head = f"sweep bench on {env.get('gpu', env['processor'])} ({env['device']}, torch {env['torch']}, {env['threads']} threads)"
     lines = [head, "candidates/s (× the naive loop of this run)"]
-    header = f"{'model':<36}{'params':>10}{'K':>8}{'loop':>10}{'fp32':>20}{'bf16':>20}{'compiled':>20}  mode"
+    header = f"{'model':<36}{'params':>10}{'K':>8}{'loop':>10}{'fp32':>20}{'bf16':>20}{'compiled':>20}  strategy"
     lines.append(header)
     lines.append("-" * len(header))
     for r in results:
@@ -202,7 +204,7 @@ def format_table(results: List[Result], env: Dict[str, Any]) -> str:
             else:
                 cells.append(f"{'–':>20}")
         lines.append(f"{r.model:<36}{r.params:>10,}{r.candidates:>8,}{r.loop:>10,.0f}" + "".join(f"{c:>20}" for c in cells)
-                     + f"  {r.mode} {r.chunk_size}")
+                     + f"  {r.strategy} {r.chunk_size}")
     compiled = [r for r in results if r.compile_seconds is not None]
     if compiled:
         lines.append("compile time (first chunk, apart from the figures above): "
@@ -217,8 +219,6 @@ def format_table(results: List[Result], env: Dict[str, Any]) -> str:
 
 
 def main(device: str, as_json: bool, models: Optional[List[str]], compile: bool, scale: float) -> int:
-    import sys
-
     env = environment(device)
     results = run_bench(device, models, compile=compile, scale=scale,
                         log=lambda s: print(s, file=sys.stderr, flush=True))

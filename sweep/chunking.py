@@ -4,18 +4,21 @@ The best chunk size depends on the model, the eval batch and the cache, so a
 short trial at start-up times the per-candidate loop and vmap at growing chunk
 sizes (bounded by device memory) and keeps the fastest. When the loop wins
 (convolutions on a CPU, say) the evaluator uses the loop.
+
+What is measured comes in a `Trial`: the module, one candidate, and the two
+ways of evaluating it (the evaluator builds one with `Evaluator.trial()`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 from torch.func import functional_call
 
-if TYPE_CHECKING:
-    from .evaluator import Evaluator
+Tensors = Dict[str, torch.Tensor]
 
 #: Chunk sizes tried, smallest first.
 TRIAL_SIZES = (8, 32, 128, 512, 2048, 8192)
@@ -50,7 +53,32 @@ def memory_budget(device: torch.device) -> int:
     return 2 * 1024**3
 
 
-def activation_bytes(ev: "Evaluator", params: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor]) -> int:
+@dataclass
+class Trial:
+    """What the measurement runs: a module, one candidate, and the two ways of evaluating candidates.
+
+    `candidate()` gives one candidate's weights (on the device, in the
+    evaluation dtype) and the tensors every candidate shares, or None when
+    there is nothing to measure with (no parameters, or weights on the meta
+    device). `loop(stacked, shared)` evaluates the one candidate of
+    `stacked` ([1, *shape] tensors) alone; `vmap(stacked, shared, k)`
+    evaluates k stacked candidates in one vmapped call, not compiled. Both run
+    on the first data batch only and raise when the evaluation fails.
+    """
+
+    module: torch.nn.Module
+    device: torch.device
+    #: the first data batch's input (one forward on it counts the activation bytes)
+    example: Any
+    #: what else the choice depends on (the data's shapes, the dtype, compile, the metrics function):
+    #: equal keys for the same module share one measurement
+    key: Hashable
+    candidate: Callable[[], Optional[Tuple[Tensors, Tensors]]]
+    loop: Callable[[Tensors, Tensors], Any]
+    vmap: Callable[[Tensors, Tensors, int], Any]
+
+
+def activation_bytes(trial: Trial, params: Tensors, shared: Tensors) -> int:
     """Bytes of every submodule output in one forward of one candidate on the first batch."""
     total = 0
 
@@ -60,10 +88,10 @@ def activation_bytes(ev: "Evaluator", params: Dict[str, torch.Tensor], shared: D
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
 
-    handles = [m.register_forward_hook(hook) for m in ev.module.modules()]
+    handles = [m.register_forward_hook(hook) for m in trial.module.modules()]
     try:
         with torch.no_grad():
-            functional_call(ev.module, (params, shared), (ev.batches[0][0],), strict=True)
+            functional_call(trial.module, (params, shared), (trial.example,), strict=True)
     finally:
         for h in handles:
             h.remove()
@@ -91,23 +119,14 @@ def _timed(fn, min_seconds: float = TRIAL_SECONDS, max_repeat: int = 20,
 _CHOSEN: Dict[tuple, Tuple[int, Optional[str], str]] = {}
 
 
-def _signature(ev: "Evaluator") -> tuple:
-    """What the measurement depends on: the module's class and tensors, the data's shapes, device, dtype."""
-    def shapes(value):
-        if isinstance(value, torch.Tensor):
-            return (tuple(value.shape), str(value.dtype))
-        if isinstance(value, (tuple, list)):
-            return tuple(shapes(v) for v in value)
-        return type(value).__name__
-
-    tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in ev.module.state_dict(keep_vars=True).items())
-    data = tuple((shapes(x), shapes(y)) for x, y, _ in ev.batches[:2])
-    return (type(ev.module).__qualname__, tensors, data, len(ev.batches), str(ev.device), str(ev.dtype),
-            ev.compile, getattr(ev.metrics, "__qualname__", repr(ev.metrics)), torch.get_num_threads())
+def _signature(trial: Trial) -> tuple:
+    """What the measurement depends on: the module's class and tensors, the device, the threads, the trial's key."""
+    tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in trial.module.state_dict(keep_vars=True).items())
+    return (type(trial.module).__qualname__, tensors, str(trial.device), trial.key, torch.get_num_threads())
 
 
-def choose_chunk_size(ev: "Evaluator", limit: Optional[int] = None) -> Tuple[int, Optional[str], str]:
-    """(chunk size, mode 'vmap' | 'loop' | None when undecided, reason), measured once per process.
+def choose_chunk_size(trial: Trial, limit: Optional[int] = None) -> Tuple[int, Optional[str], str]:
+    """(chunk size, strategy 'vmap' | 'loop' | None when undecided, reason), measured once per process.
 
     `limit` is how many candidates are at hand: sizes beyond the first trial
     size that covers them are not tried (a sweep of 7 files needs no 8192 trial).
@@ -115,36 +134,32 @@ def choose_chunk_size(ev: "Evaluator", limit: Optional[int] = None) -> Tuple[int
     sizes = TRIAL_SIZES
     if limit is not None:
         sizes = tuple(k for k in TRIAL_SIZES if k < limit) + tuple(k for k in TRIAL_SIZES if k >= limit)[:1]
-    key = (_signature(ev), sizes)
+    key = (_signature(trial), sizes)
     if key not in _CHOSEN:
-        _CHOSEN[key] = _measure(ev, sizes)
+        _CHOSEN[key] = _measure(trial, sizes)
     return _CHOSEN[key]
 
 
-def _measure(ev: "Evaluator", sizes: Tuple[int, ...] = TRIAL_SIZES, *,
+def _measure(trial: Trial, sizes: Tuple[int, ...] = TRIAL_SIZES, *,
              clock: Callable[[], float] = time.perf_counter,
              budget: Callable[[torch.device], int] = memory_budget) -> Tuple[int, Optional[str], str]:
     """The choice `choose_chunk_size` caches, timed with `clock` within `budget(device)` bytes a chunk."""
-    from .evaluator import CandidateError
-
-    own = {n: p.detach() for n, p in ev.module.named_parameters()}
-    if not own or any(t.device.type == "meta" for t in own.values()):
+    candidate = trial.candidate()
+    if candidate is None:
         return FALLBACK_CHUNK, None, ""
-    one = {n: ev._cast(t.to(ev.device, copy=True)) for n, t in own.items()}
-    shared = ev._shared()
+    one, shared = candidate
     param_bytes = sum(t.numel() * 4 for t in one.values())
     try:
-        per_candidate = 3 * param_bytes + 2 * activation_bytes(ev, one, shared)
+        per_candidate = 3 * param_bytes + 2 * activation_bytes(trial, one, shared)
     except Exception:  # noqa: BLE001 - the module's own forward fails: let the chunks tell
         return FALLBACK_CHUNK, None, ""
-    bound = max(1, budget(ev.device) // max(per_candidate, 1))
+    bound = max(1, budget(trial.device) // max(per_candidate, 1))
 
-    first = ev.batches[:1]
     stacked1 = {n: t.unsqueeze(0) for n, t in one.items()}
-    sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if trial.device.type == "cuda" else (lambda: None)
     try:
-        loop_seconds = _timed(lambda: (ev._loop_row(stacked1, shared, 0, batches=first), sync()), clock=clock)
-    except CandidateError:
+        loop_seconds = _timed(lambda: (trial.loop(stacked1, shared), sync()), clock=clock)
+    except Exception:  # noqa: BLE001 - the candidate fails alone too: the first real chunk decides
         return FALLBACK_CHUNK, None, ""
     loop_rate = 1.0 / max(loop_seconds, 1e-9)
 
@@ -157,9 +172,8 @@ def _measure(ev: "Evaluator", sizes: Tuple[int, ...] = TRIAL_SIZES, *,
         try:
             # Measured without torch.compile: compiling every trial size would take minutes.
             if not rates:
-                ev._vmap_values(batched, shared, k, batches=first, compiled=False)  # warm-up
-            seconds = _timed(lambda: (ev._vmap_values(batched, shared, k, batches=first, compiled=False), sync()),
-                             clock=clock)
+                trial.vmap(batched, shared, k)  # warm-up
+            seconds = _timed(lambda: (trial.vmap(batched, shared, k), sync()), clock=clock)
         except Exception:  # noqa: BLE001 - the first real chunk decides and warns
             if not rates:
                 return FALLBACK_CHUNK, None, ""

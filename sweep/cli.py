@@ -9,7 +9,9 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
+from .config import load_config
 from .errors import ConfigError, SweepError
+from .messages import first_line
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -107,14 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:
         if os.environ.get("SWEEP_DEBUG"):
             raise
-        print(f"sweep: {type(e).__name__}: {_first_line(e)} (set SWEEP_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"sweep: {type(e).__name__}: {first_line(e)} (set SWEEP_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -130,7 +127,6 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .studies import plan
     from .studies.base import StudyContext
 
@@ -141,8 +137,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config
-
     config = load_config(args.config, args.overrides)  # fails here, before Ray starts
     from workers.driver import run
 
@@ -155,8 +149,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from .config import load_config
-
     config = load_config(args.config, args.overrides) if args.config else None
     from workers.driver import resume
 

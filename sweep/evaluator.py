@@ -23,7 +23,9 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from .chunking import Trial, choose_chunk_size
 from .errors import SweepError
+from .messages import first_line
 from .recipes import Prepared, Recipe, Rows, anchor_key
 from .types import FAILED, INVALID, OK, Batch, Invalid, MetricsFn
 from .validate import Schema
@@ -31,8 +33,6 @@ from .validate import Schema
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: A row bounded below this fraction of the dtype's largest value cannot overflow when cast.
 SAFE_FRACTION = 0.5
-#: Chunk size for explicit dicts and recipes when none is chosen or measured.
-DEFAULT_CHUNK = 256
 
 
 def evaluate(
@@ -53,7 +53,7 @@ def evaluate(
     (0…N−1), `status` (`ok` | `invalid` | `failed`), `error` (null when ok),
     the recipe's columns, and one float64 column per metric (null when the row
     is not ok). The module is evaluated in eval mode, and its parameters,
-    buffers and mode are as before when this returns; the caller's tensors are
+    buffers and train/eval flags are as before when this returns; the caller's tensors are
     never mutated. When the `candidates` iterable itself raises midway,
     `CandidatesError` is raised from its error, with the rows of every
     candidate it yielded before in `.table`.
@@ -86,11 +86,6 @@ def _module_device(module: torch.nn.Module) -> torch.device:
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -188,20 +183,23 @@ class Evaluator:
         named_buffers = dict(module.named_buffers())
         self.buffers = {n: named_buffers[n].detach().to(self.device, copy=True) for n in self.schema.buffer_names}
         self.metric_names: Optional[Tuple[str, ...]] = None
-        self.mode: Optional[str] = None  # "vmap" or "loop", decided on the first chunk
-        self.mode_reason = ""
+        #: how a chunk runs: "vmap" (one vmapped call) or "loop" (one candidate at a time), measured with the
+        #: chunk size or decided on the first chunk
+        self.strategy: Optional[str] = None
+        #: why the strategy is what it is ("" when nothing needed saying)
+        self.strategy_reason = ""
         #: Why the metrics run one candidate at a time after a vmapped forward ("" while they vmap).
         self.metrics_reason = ""
         self.compile_seconds = 0.0
         self._calls: Dict[Tuple[str, bool], Callable[..., Any]] = {}
         self._anchors: Dict[str, Any] = {}
-        self._modes = [(m, m.training) for m in module.modules()]
+        self._training = [(m, m.training) for m in module.modules()]
         module.eval()
 
     # -- public ------------------------------------------------------------
     def restore(self) -> None:
-        """Give the module back its train/eval modes."""
-        for m, training in self._modes:
+        """Give each submodule back its train/eval flag."""
+        for m, training in self._training:
             m.train(training)
 
     def probe_metric_names(self) -> Tuple[str, ...]:
@@ -255,7 +253,7 @@ class Evaluator:
         table = self._table(chunks, None if ids is None else ids[:n], {}, timing)
         raise CandidatesError(
             f"the candidates iterable raised {type(failure).__name__} after yielding {n} candidate(s): "
-            f"{_first_line(failure)}; the {n} row(s) evaluated before it are kept: catch sweep.CandidatesError "
+            f"{first_line(failure)}; the {n} row(s) evaluated before it are kept: catch sweep.CandidatesError "
             f"and read its .table (the usual results table), then fix the iterable and evaluate the rest",
             table) from failure
 
@@ -410,15 +408,39 @@ class Evaluator:
     def _chunk_hint(self, limit: Optional[int] = None) -> int:
         """The chunk size, measured on first use; `limit` (the candidates at hand) caps the trials."""
         if self.chunk_size is None:
-            from .chunking import choose_chunk_size
-
-            self.chunk_size, self.mode, self.mode_reason = choose_chunk_size(self, limit)
+            self.chunk_size, self.strategy, self.strategy_reason = choose_chunk_size(self.trial(), limit)
         return self.chunk_size
+
+    def trial(self) -> Trial:
+        """What `sweep.chunking` measures to choose the chunk size and the strategy: the module's own weights
+        as one candidate, evaluated alone and vmapped on the first data batch."""
+        first = self.batches[:1]
+
+        def candidate() -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+            own = {n: p.detach() for n, p in self.module.named_parameters()}
+            if not own or any(t.device.type == "meta" for t in own.values()):
+                return None
+            return {n: self._cast(t.to(self.device, copy=True)) for n, t in own.items()}, self._shared()
+
+        def shapes(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return (tuple(value.shape), str(value.dtype))
+            if isinstance(value, (tuple, list)):
+                return tuple(shapes(v) for v in value)
+            return type(value).__name__
+
+        data = tuple((shapes(x), shapes(y)) for x, y, _ in self.batches[:2])
+        key = (data, len(self.batches), str(self.dtype), self.compile,
+               getattr(self.metrics, "__qualname__", repr(self.metrics)))
+        return Trial(
+            module=self.module, device=self.device, example=first[0][0], key=key, candidate=candidate,
+            loop=lambda stacked, shared: self._loop_row(stacked, shared, 0, batches=first),
+            vmap=lambda stacked, shared, k: self._vmap_values(stacked, shared, k, batches=first, compiled=False))
 
     def _evaluate_stacked(self, batched: Dict[str, torch.Tensor], shared: Dict[str, torch.Tensor],
                           rows: np.ndarray, chunk: _Chunk) -> None:
         """Evaluate k stacked candidates; rows[i] is where candidate i's result goes in `chunk`."""
-        if self.mode != "loop":
+        if self.strategy != "loop":
             k = next(iter(batched.values())).shape[0] if batched else len(rows)
             try:
                 if self.metrics_reason:
@@ -439,8 +461,8 @@ class Evaluator:
                     return
                 self._loop_chunk(batched, shared, rows, chunk, vmap_error=e)
                 return
-            if self.mode is None:
-                self.mode = "vmap"
+            if self.strategy is None:
+                self.strategy = "vmap"
             for name, array in values.items():
                 column = chunk.values.setdefault(name, np.full(chunk.k, np.nan))
                 column[rows] = array[: len(rows)]  # a padded chunk has extra rows at the end
@@ -462,9 +484,9 @@ class Evaluator:
             return False
         if not any(isinstance(r, dict) for r in results):
             return False  # every row failed: nothing tells the metrics apart from the module
-        if self.mode is None:
-            self.mode = "vmap"
-        self.metrics_reason = f"{type(vmap_error).__name__}: {_first_line(vmap_error)}"
+        if self.strategy is None:
+            self.strategy = "vmap"
+        self.metrics_reason = f"{type(vmap_error).__name__}: {first_line(vmap_error)}"
         self._fill(rows, results, chunk)
         ok = [r for r in results if isinstance(r, dict)]
         # A number that differs between candidates was computed from the output; a constant vmaps.
@@ -529,7 +551,7 @@ class Evaluator:
 
     def _loop_chunk(self, batched, shared, rows, chunk, vmap_error: Optional[BaseException] = None) -> None:
         any_ok = False
-        compiled = self.compile and self.mode == "loop"
+        compiled = self.compile and self.strategy == "loop"
         for i, row in enumerate(rows):
             try:
                 values = self._loop_row(batched, shared, i, compiled=compiled)
@@ -539,12 +561,12 @@ class Evaluator:
             any_ok = True
             for name, value in values.items():
                 chunk.values.setdefault(name, np.full(chunk.k, np.nan))[row] = value
-        if vmap_error is not None and any_ok and self.mode != "loop":
+        if vmap_error is not None and any_ok and self.strategy != "loop":
             # The loop ran what vmap could not: the module (or metrics) does not vmap.
-            self.mode = "loop"
-            self.mode_reason = f"{type(vmap_error).__name__}: {_first_line(vmap_error)}"
+            self.strategy = "loop"
+            self.strategy_reason = f"{type(vmap_error).__name__}: {first_line(vmap_error)}"
             warnings.warn(
-                f"sweep: this module does not evaluate under torch.vmap ({self.mode_reason}); "
+                f"sweep: this module does not evaluate under torch.vmap ({self.strategy_reason}); "
                 f"evaluating one candidate at a time instead (same results, slower)",
                 RuntimeWarning,
                 stacklevel=4,
@@ -576,7 +598,7 @@ class Evaluator:
                 size = sum(t[i].numel() * t[i].element_size() for t in batched.values())
                 raise CandidateError(
                     f"out of memory evaluating this candidate alone on {self.device} "
-                    f"(its weights take {size:,} bytes; {_first_line(e)})") from e
+                    f"(its weights take {size:,} bytes; {first_line(e)})") from e
             raise CandidateError(f"{type(e).__name__}: {e}") from e
         result = {name: float(total.item()) / self.total for name, total in sums.items()}
         if self.metric_names is None:

@@ -12,6 +12,7 @@ from pydantic import ValidationInfo
 
 from .model import describe_file, glob_files
 
+
 def checks_files(info: ValidationInfo) -> bool:
     """False where a config is re-read away from its files (on a worker node)."""
     return (info.context or {}).get("check_files", True)
@@ -70,7 +71,6 @@ def check_file(path: str) -> None:
         raise ValueError(f"{path} is {kind}, not a regular file (only regular files are read)")
 
 
-
 def resolve_file(value: Optional[str], info: ValidationInfo) -> Optional[str]:
     """An optional weights file: resolved against the config's folder and, where files are checked, present."""
     if value is None:
@@ -84,6 +84,7 @@ def resolve_file(value: Optional[str], info: ValidationInfo) -> Optional[str]:
 def resolve_files(values: List[str], info: ValidationInfo) -> List[str]:
     """A list of weights files, each resolved (and checked) as `resolve_file` does."""
     return [resolve_file(v, info) for v in values]
+
 
 def glob_matches_a_file(pattern: str) -> bool:
     """Whether `pattern` (recursive `**` allowed) matches at least one regular file.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import reprlib
-from typing import Any
+from typing import Any, Optional
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = 60
@@ -41,9 +41,10 @@ def kind_of(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def first_line(error: BaseException) -> str:
+def first_line(error: BaseException, limit: Optional[int] = None) -> str:
+    """The first line an error says (its type's name when it says nothing), cut to `limit` characters."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return (lines[0] if lines else type(error).__name__)[:limit]
 
 
 def one_line(text: str) -> str:

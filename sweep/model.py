@@ -27,7 +27,6 @@ from .errors import WeightsError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
 #: safetensors refuses headers larger than this (its own limit, 100 MB).
 MAX_SAFETENSORS_HEADER = 100_000_000
 #: A torch zip file may unpack to at most this many times its own size, plus
@@ -122,9 +121,9 @@ def read_file_bytes(path: str | Path) -> bytes:
     """
     path = os.fspath(path)
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise WeightsError(f"{path}: {describe_file(path, mode)}, not a regular file")
+        st_mode = os.stat(path).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise WeightsError(f"{path}: {describe_file(path, st_mode)}, not a regular file")
         # O_NONBLOCK: should a FIFO take the file's place after the check, open returns at once
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
@@ -149,11 +148,11 @@ def read_file_bytes(path: str | Path) -> bytes:
     return data
 
 
-def describe_file(path: str, mode: int) -> str:
-    """What is at `path` (its `st_mode` after following links), for messages: 'a FIFO (named pipe)', …"""
+def describe_file(path: str, st_mode: int) -> str:
+    """What is at `path` (`st_mode`: its stat after following links), for messages: 'a FIFO (named pipe)', …"""
     kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    kind = next((text for test, text in kinds if test(mode)), "not a regular file")
+    kind = next((text for test, text in kinds if test(st_mode)), "not a regular file")
     if os.path.islink(path):
         return f"a symbolic link to {os.path.realpath(path)}, {kind}"
     return kind

@@ -9,18 +9,29 @@ state); explore changes a member's hyperparameter values.
 
 The optimisers follow `torch.optim`'s update rules exactly (SGD with
 momentum, Adam, AdamW), so a member trains as it would alone.
+
+A study that trains a population (`pbt`, `search`) describes it once in a
+`PopulationPlan`; each worker starts its shard of the members from it
+(`start_population`) and runs a round per `Train` batch (`train_round`):
+apply the exploits and new values, train, evaluate. Nothing here reads a
+study's config, and nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.func import functional_call, vmap
+
+from .model import import_callable
 
 # --------------------------------------------------------------------------- hyperparameter space
 
@@ -252,7 +263,7 @@ class Population:
 
     def train(self, steps: int) -> None:
         """`steps` vectorised steps of every member (the module in training mode meanwhile)."""
-        modes = [(mod, mod.training) for mod in self.module.modules()]
+        flags = [(mod, mod.training) for mod in self.module.modules()]
         self.module.train()
         try:
             for _ in range(steps):
@@ -260,8 +271,8 @@ class Population:
                 optimizer_step(self.optimizer, self.flat, self.flat_gradient(x, y), self.state, self.hyper)
                 self.steps_done += 1
         finally:
-            for mod, mode in modes:
-                mod.train(mode)
+            for mod, training in flags:
+                mod.train(training)
 
     def candidates(self) -> List[Dict[str, torch.Tensor]]:
         """Each member's parameters as a dict of views (for evaluation)."""
@@ -336,3 +347,135 @@ def exploit_pairs(scores: Mapping[int, float], quantile: float, mode: str,
         return []
     top, bottom = ranked[:count], ranked[-count:]
     return [(receiver, top[int(rng.integers(len(top)))]) for receiver in bottom]
+
+
+# --------------------------------------------------------------------------- plans and rounds
+
+
+@dataclass
+class PopulationPlan:
+    """A population as a study plans it: what every worker needs to start its shard of the members.
+
+    `hyper[name]` is every member's starting value of each optimiser and loss
+    hyperparameter (constants included); `seeds[m]` is the torch seed under
+    which member m's start comes from the model factory, or `seeds` is None
+    when every member starts from the module's own weights. The study owns
+    every formula (seeds, sampled values); a worker only reads the plan.
+    """
+
+    size: int
+    optimizer: str
+    loss: str  # 'package.module:function': (output, y, **hyperparameters) -> scalar
+    loader: str  # 'package.module:function' returning the (x, y) training batches
+    loader_kwargs: Dict[str, Any] = field(default_factory=dict)
+    hyper: Dict[str, List[float]] = field(default_factory=dict)
+    seeds: Optional[List[int]] = None
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"a population needs at least one member, got size {self.size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name, values in self.hyper.items():
+            if len(values) != self.size:
+                raise ValueError(f"hyper['{name}'] has {len(values)} values for {self.size} members")
+        if self.seeds is not None and len(self.seeds) != self.size:
+            raise ValueError(f"seeds has {len(self.seeds)} values for {self.size} members")
+
+
+def shards(size: int, count: int) -> List[List[int]]:
+    """Contiguous, near-equal shards of the member ids 0 … size − 1 over min(count, size) workers (none empty)."""
+    count = max(1, min(count, size))
+    bounds = np.linspace(0, size, count + 1).round().astype(int)
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(count)]
+
+
+def start_population(plan: PopulationPlan, members: Sequence[int], module: torch.nn.Module, device: torch.device,
+                     factory: Callable[[int], torch.nn.Module]) -> Population:
+    """Members `members` of `plan` on `device`, sharing `module` (its buffers stay shared, not trained).
+
+    `factory(seed)` builds the module's architecture under a torch seed: each
+    member's start when the plan has seeds.
+    """
+    names = [n for n, p in module.named_parameters() if p.is_floating_point()]
+    if plan.seeds is None:
+        own = dict(module.named_parameters())
+        init = {n: own[n].detach().unsqueeze(0).expand(len(members), *own[n].shape) for n in names}
+    else:
+        starts = [dict(factory(plan.seeds[m]).named_parameters()) for m in members]
+        init = {n: torch.stack([s[n].detach() for s in starts]) for n in names}
+    batches = import_callable(plan.loader)(**plan.loader_kwargs)
+    loss = import_callable(plan.loss)
+    hyper = {n: [values[m] for m in members] for n, values in plan.hyper.items()}
+    return Population(module, members, init, plan.optimizer, hyper, list(batches), loss, device)
+
+
+@dataclass
+class Train:
+    """The source of a round's batch of a population study: per candidate (one member each), what happens to
+    the member before it is evaluated. Per-candidate lists, so that a batch is cut by shard field by field.
+
+    `donors[i]`: a member whose weights, optimiser state and hyperparameters
+    member i takes first (exploit), or None; `hyper[i]`: values member i's
+    hyperparameters take next (explore), or None; `steps[i]`: the training
+    steps then (the same for every member a worker holds: they train together).
+    """
+
+    members: List[int]
+    donors: List[Optional[int]]
+    hyper: List[Optional[Dict[str, float]]]
+    steps: List[int]
+
+    def __post_init__(self) -> None:
+        n = len(self.members)
+        for name in ("donors", "hyper", "steps"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Train.{name} has {len(getattr(self, name))} entries for {n} members")
+
+
+def train_round(population: Population, evaluator: Any, ids: Sequence[int], source: Train,
+                imports: Optional[Mapping[int, Member]] = None) -> pa.Table:
+    """One round of `population` (every member a worker holds): take the donors' rows (on this device, or from
+    `imports`, {donor: its exported state} for donors held elsewhere), set the new hyperparameter values,
+    train, then evaluate each member with `evaluator` (an `Evaluator`): its rows, keyed by `ids`, in the
+    order of `source.members`. The training time is shared out over the rows' `eval_seconds`.
+    """
+    members = list(source.members)
+    if len(set(members)) != len(members) or set(members) != set(population.ids):
+        raise ValueError(f"a round trains every member a worker holds, each once: the batch names members "
+                         f"{_ids(members)}, this worker holds {_ids(population.ids)}")
+    if len(ids) != len(members):
+        raise ValueError(f"a round of {len(members)} members has {len(ids)} candidate ids")
+    steps = set(source.steps)
+    if len(steps) != 1:
+        raise ValueError(f"the members of one worker train together: their steps must be equal, got {sorted(steps)}")
+    imports = imports or {}
+    receivers = {m for m, d in zip(members, source.donors) if d is not None}
+    both = sorted(receivers & {d for d in source.donors if d is not None})
+    if both:
+        raise ValueError(f"member {both[0]} both gives and takes weights in one round")
+    for member, donor in zip(members, source.donors):
+        if donor is None:
+            continue
+        if donor in population.index:
+            population.copy(donor, member)
+        elif donor in imports:
+            population.load(member, imports[donor])
+        else:
+            raise ValueError(f"member {member} takes member {donor}'s weights, which are neither on this worker "
+                             f"nor among the states it was given ({_ids(sorted(imports))})")
+    for member, values in zip(members, source.hyper):
+        if values:
+            population.set_hyper(member, values)
+    start = time.perf_counter()
+    population.train(steps.pop())
+    trained = time.perf_counter() - start
+    candidates = population.candidates()
+    table = evaluator.run([candidates[population.index[m]] for m in members], ids=ids, timing=True)
+    seconds = pc.add(table.column("eval_seconds"), trained / len(members))
+    return table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds", seconds)
+
+
+def _ids(ids: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in list(ids)[:limit])
+    return f"[{shown}{', …' if len(ids) > limit else ''}]"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -122,30 +122,37 @@ def _absmax(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t).all(dim=-1), m, torch.full_like(m, float("inf")))
 
 
-@dataclass
-class Rows:
-    """The light part of a recipe: what one batch of candidates carries."""
+class Rows(Protocol):
+    """The light part of a recipe: what one batch of candidates carries.
+
+    `AffineRows`, `NoiseRows`, `SlerpRows` and `MergeRows` implement it; a
+    new kind of rows is any class with these methods.
+    """
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        """The number of candidates."""
+        ...
 
     def slice(self, start: int, stop: int) -> "Rows":
-        raise NotImplementedError
+        """Candidates `start:stop` alone."""
+        ...
 
     def columns(self) -> Dict[str, pa.Array]:
-        raise NotImplementedError
+        """The recipe columns that describe the candidates in the results."""
+        ...
 
     def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The chunk as one [k, P] float32 tensor on `device` (written into `out` when given)."""
-        raise NotImplementedError
+        ...
 
     def bound(self, prepared: Prepared, device: torch.device) -> Optional[torch.Tensor]:
-        """An upper bound on each row's largest |value| ([k]), or None when there is none."""
-        return None
+        """An upper bound on each row's largest |value| ([k]), or None when there is none (every row is then
+        checked for NaN and inf after materialising)."""
+        ...
 
 
 @dataclass
-class AffineRows(Rows):
+class AffineRows:
     coeffs: np.ndarray  # [k, D] float64
     names: List[str]
     #: columns shown instead of the coefficients (a path's `alpha`, say)
@@ -187,7 +194,7 @@ class AffineRows(Rows):
 
 
 @dataclass
-class NoiseRows(Rows):
+class NoiseRows:
     seeds: np.ndarray  # [k] int64
     sigma: float
 
@@ -209,6 +216,9 @@ class NoiseRows(Rows):
             generator.manual_seed(int(seed))
             torch.randn(base.numel(), generator=generator, device=device, out=out[i])
         return out.mul_(self.sigma).add_(base)
+
+    def bound(self, prepared: Prepared, device: torch.device) -> Optional[torch.Tensor]:
+        return None  # Gaussian noise has no bound: every row gets the NaN/inf check
 
 
 #: Above this |cos| between two tensors SLERP falls back to linear interpolation (mergekit's threshold).
@@ -245,7 +255,7 @@ def slerp_weights(t: torch.Tensor, omega: torch.Tensor, linear: torch.Tensor) ->
 
 
 @dataclass
-class SlerpRows(Rows):
+class SlerpRows:
     """Spherical interpolation along a path of points: row k lies at `t[k]` on segment `segments[k]`.
 
     The anchors are the points themselves: `base` is point 0 and
@@ -287,6 +297,9 @@ class SlerpRows(Rows):
             else:
                 out[torch.as_tensor(rows, device=device)] = part
         return out
+
+    def bound(self, prepared: Prepared, device: torch.device) -> Optional[torch.Tensor]:
+        return None  # none computed: every row gets the NaN/inf check
 
 
 MERGE_METHODS = ("ties", "dare", "dare_ties")
@@ -331,7 +344,7 @@ def dare(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch
 
 
 @dataclass
-class MergeRows(Rows):
+class MergeRows:
     """Merges of N task vectors into one base, one method per batch of rows.
 
     The anchors are the base and `direction_i` = model_i − base (task vector i).
@@ -546,7 +559,3 @@ class Merge(Recipe):
 
     def rows(self) -> MergeRows:
         return self._rows
-
-
-def is_recipe(value: Any) -> bool:
-    return isinstance(value, Recipe)

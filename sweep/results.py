@@ -69,16 +69,13 @@ def results_schema(study_columns: Union[Sequence[pa.Field], Mapping[str, pa.Data
 
 def failed_rows(batch: Any, error: str) -> pa.Table:
     """Rows for a batch that could not be evaluated at all: `failed`, with the error and the recipe columns."""
-    from .studies.base import RecipeBatch
-
     n = len(batch.ids)
     columns: Dict[str, Any] = {
         "candidate_id": pa.array(batch.ids, pa.int64()),
         "status": pa.array([FAILED] * n, pa.string()),
         "error": pa.array([error] * n, pa.string()),
     }
-    if isinstance(batch.source, RecipeBatch):
-        columns.update(batch.source.rows.columns())
+    columns.update(batch.source_columns())
     for name, values in batch.columns.items():
         columns[name] = pa.array(values)
     return pa.table(columns)

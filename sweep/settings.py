@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from typing import Annotated, Any, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Dict, Iterator, List, Optional, Tuple
 
 from pydantic import AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -45,6 +45,19 @@ class Section(BaseModel):
             raise PydanticCustomError("bool_type", "should be true or false")
         return value
 
+
+def leaves(mapping: Dict[str, Any], prefix: str = "",
+           at: Tuple[Any, ...] = ()) -> Iterator[Tuple[str, Tuple[Any, ...], Any]]:
+    """(dotted key, path of keys, value) for every leaf of a config mapping; an empty mapping is a leaf.
+
+    What `sweep.config.flatten` is made of, and so the keys of the MLflow params.
+    """
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from leaves(value, name + ".", at + (key,))
+        else:
+            yield name, at + (key,), value
 
 
 # --------------------------------------------------------------------------- field types

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Tuple
+from typing import Any, Callable, Mapping, Tuple
 
 import torch
 
@@ -16,12 +16,9 @@ Batch = Tuple[Any, Any]
 MetricsFn = Callable[[Any, Any], Mapping[str, Any]]
 """`metrics(output, y)` → name → scalar tensor, averaged over batches by batch size."""
 
-DataSource = Iterable[Batch]
-
 OK = "ok"
 INVALID = "invalid"
 FAILED = "failed"
-STATUSES = (OK, INVALID, FAILED)
 
 
 @dataclass(frozen=True)

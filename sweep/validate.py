@@ -71,15 +71,14 @@ class Schema:
         self.param_names = tuple(s.name for s in slots if not s.is_buffer)
         self.buffer_names = tuple(s.name for s in slots if s.is_buffer)
 
-    def check(self, candidate: Any, device: torch.device, *, finite: bool = True,
-              required: bool = True) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[str]]:
+    def check(self, candidate: Any, device: torch.device, *,
+              finite: bool = True) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[str]]:
         """Validate one candidate.
 
         Returns `(tensors by canonical name, None)` when valid, else
         `(None, error)` with every problem in one message. Tensors are returned
         as given (never copied or mutated here). `finite=False` skips the
-        NaN/inf check (recipe directions); `required=False` lets parameters be
-        left out.
+        NaN/inf check (recipe directions).
         """
         if not isinstance(candidate, Mapping):
             return None, (
@@ -104,7 +103,7 @@ class Schema:
                         f"but were given different values; give one of them, or equal values"
                     )
 
-        missing = [s for s in self.slots if required and not s.is_buffer and not any(a in candidate for a in s.aliases)]
+        missing = [s for s in self.slots if not s.is_buffer and not any(a in candidate for a in s.aliases)]
         for slot in missing:
             problems.append(f"missing key '{slot.name}' (expected {describe(slot.shape, slot.dtype)})")
         missing_names = [s.name for s in missing]

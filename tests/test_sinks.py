@@ -1,18 +1,31 @@
-"""One contract for every sink: rows written are the rows read back, none lost, none twice."""
+"""One contract for every registered sink: rows written are the rows read back, none lost, none twice.
+
+Each sink in `sweep.sinks.SINKS` is opened as the driver opens it (`open(SinkContext(...))` from a parsed
+config with only that sink on), given rows, flushed, closed, and read back with its reader in `READERS`
+below: a sink registered without one fails here, saying to add it.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Dict, List
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
+from sweep.config import flatten, parse_config
 from sweep.results import results_schema
+from sweep.sinks import SINKS, SinkContext, open_sinks
 from sweep.sinks.parquet import ParquetSink, read_results
+from tests.conftest import REPO, edited_quickstart
 
-SCHEMA = results_schema({"path": pa.string()}, ["loss", "accuracy"])
+METRICS = ["loss", "accuracy"]
+SCHEMA = results_schema({"path": pa.string()}, METRICS)
+#: (first candidate id, rows) of the tables the contract writes: an empty one included.
+BATCHES = ((0, 5), (5, 11), (16, 1), (17, 0), (17, 20))
 
 
 def batch(start: int, n: int, *, invalid_every: int = 4) -> pa.Table:
@@ -31,62 +44,141 @@ def batch(start: int, n: int, *, invalid_every: int = 4) -> pa.Table:
     })
 
 
-class ParquetCase:
-    name = "parquet"
+@dataclass
+class Opened:
+    """A sink under test and what it was opened with."""
 
-    def make(self, tmp_path: Path):
-        return ParquetSink(tmp_path / "results", SCHEMA, rows_per_file=7, flush_seconds=3600,
-                           metadata={"sweep.name": "contract"})
-
-    def read_back(self, sink, tmp_path: Path):
-        table = read_results(tmp_path / "results")
-        return {r["candidate_id"]: r["loss"] for r in table.to_pylist() if r["status"] == "ok"}
+    sink: Any
+    context: SinkContext
+    #: every `update_record(**fields)` the sink made, in order
+    recorded: List[Dict[str, Any]]
 
 
-class MlflowCase:
-    name = "mlflow"
+@dataclass
+class Reader:
+    """How the contract reads a sink back: {candidate_id: loss} of the ok rows it holds."""
 
-    def make(self, tmp_path: Path):
-        from sweep.sinks.mlflow import MlflowSink
-
-        self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        return MlflowSink("contract", tracking_uri=self.uri, params={"a.b": 1}, tags={"t": "x"},
-                          metric_names=["loss", "accuracy"])
-
-    def read_back(self, sink, tmp_path: Path):
-        from mlflow.tracking import MlflowClient
-
-        history = MlflowClient(tracking_uri=self.uri).get_metric_history(sink.run_id, "loss")
-        steps = [m.step for m in history]
-        assert len(steps) == len(set(steps)), "a candidate was logged twice"
-        return {m.step: m.value for m in history}
+    read: Callable[[Opened], Dict[int, float]]
+    #: the sink's settings for the contract (beyond `enabled`), given the test's folder
+    settings: Callable[[Path], Dict[str, Any]] = lambda folder: {}
+    #: whether the sink gives back NaN as NaN
+    keeps_nan: bool = True
 
 
-@pytest.fixture(params=[ParquetCase, MlflowCase], ids=lambda c: c.name)
-def case(request):
-    return request.param()
+def read_parquet(opened: Opened) -> Dict[int, float]:
+    table = read_results(opened.context.results)
+    ids = table.column("candidate_id").to_pylist()
+    assert len(ids) == len(set(ids)), "a candidate was written twice"
+    assert sorted(ids) == list(range(opened.context.total)), "the results hold every row, invalid ones included"
+    assert table.schema.metadata[b"sweep.name"] == b"contract", "the files carry the sweep's stamp"
+    return {r["candidate_id"]: r["loss"] for r in table.to_pylist() if r["status"] == "ok"}
 
 
-def test_sink_contract(case, tmp_path):
-    sink = case.make(tmp_path)
+def read_mlflow(opened: Opened) -> Dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    outcome = opened.sink.outcome()
+    run_id = outcome["mlflow_run_id"]
+    assert outcome["mlflow_missed_metrics"] == 0
+    assert run_id is not None and opened.recorded == [{"mlflow_run_id": run_id}], "run.json gets the run's id"
+    client = MlflowClient(tracking_uri=opened.context.config.sinks.mlflow.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["sweep.name"] == "contract" and run.data.params["name"] == "contract"
+    history = client.get_metric_history(run_id, "loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), "a candidate was logged twice"
+    return {m.step: m.value for m in history}
+
+
+#: The contract's reader of each registered sink.
+READERS: Dict[str, Reader] = {
+    "parquet": Reader(read_parquet, lambda folder: {"rows_per_file": 7, "flush_seconds": 3600}),
+    "mlflow": Reader(read_mlflow, lambda folder: {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}),
+}
+
+
+def reader_of(name: str) -> Reader:
+    if name not in READERS:
+        pytest.fail(f"the sink {name!r} is registered in sweep.sinks.SINKS but the contract cannot read it back: "
+                    f"add its reader to READERS in tests/test_sinks.py", pytrace=False)
+    return READERS[name]
+
+
+def contract_config(folder: Path, only: str, settings: Dict[str, Any]):
+    """The quickstart config named 'contract' with only the sink `only` on (with `settings`)."""
+    changes: Dict[str, Any] = {"name": "contract", "sinks": {name: {"enabled": name == only} for name in SINKS}}
+    changes["sinks"][only].update(settings)
+    return parse_config(edited_quickstart(REPO, changes), base_dir=folder)
+
+
+def open_one(name: str, folder: Path, settings: Dict[str, Any]) -> Opened:
+    config = contract_config(folder, name, settings)
+    recorded: List[Dict[str, Any]] = []
+    run_dir = folder / "runs" / "contract"
+    context = SinkContext(
+        config=config, schema=SCHEMA, metric_names=METRICS,
+        results=str(run_dir / "results") if config.sinks.parquet.enabled else None,
+        run_dir=run_dir, total=sum(n for _, n in BATCHES), workers=1,
+        stamp={"sweep.name": "contract", "sweep.config_digest": config.digest()}, record={},
+        update_record=lambda **fields: recorded.append(fields), params=flatten(config.to_dict()))
+    sinks = open_sinks(context)
+    assert len(sinks) == 1, f"only sinks.{name} is enabled, {len(sinks)} sinks opened"
+    return Opened(sinks[0], context, recorded)
+
+
+@pytest.fixture(params=list(SINKS))
+def sink_name(request) -> str:
+    return request.param
+
+
+def test_sink_contract(sink_name, tmp_path):
+    reader = reader_of(sink_name)
+    opened = open_one(sink_name, tmp_path, reader.settings(tmp_path))
     written = {}
-    for start, n in ((0, 5), (5, 11), (16, 1), (17, 0), (17, 20)):
+    for start, n in BATCHES:
         table = batch(start, n)
-        sink.write(table)
+        opened.sink.write(table)
         written.update({r["candidate_id"]: r["loss"] for r in table.to_pylist() if r["status"] == "ok"})
-    sink.flush()
-    sink.close({"ok": len(written), "completed": True})
-    got = case.read_back(sink, tmp_path)
-    assert set(got) == set(written)
+    opened.sink.flush()
+    opened.sink.close({"ok": len(written), "completed": True})
+    assert opened.sink.warnings == [], "a sink that had no trouble has nothing to warn about"
+    assert isinstance(opened.sink.outcome(), dict)
+    got = reader.read(opened)
+    assert set(got) == set(written), "every ok row is read back, and only those"
     for cid, value in written.items():
-        if math.isnan(value):
+        if math.isnan(value) and reader.keeps_nan:
             assert math.isnan(got[cid])
+        elif math.isnan(value):
+            assert got[cid] is None, "a sink that cannot keep NaN gives back nothing, not a number"
         else:
             assert got[cid] == pytest.approx(value)
 
 
+def test_a_sink_without_a_reader_fails_the_contract():
+    with pytest.raises(pytest.fail.Exception, match="add its reader to READERS in tests/test_sinks.py"):
+        reader_of("a sink nobody wrote a reader for")
+
+
+def test_only_enabled_sinks_open(tmp_path):
+    config = contract_config(tmp_path, "parquet", {"enabled": False})
+    context = SinkContext(config=config, schema=SCHEMA, metric_names=METRICS, results=None, run_dir=tmp_path,
+                          total=1, workers=1, stamp={}, record={}, update_record=lambda **fields: None, params={})
+    assert open_sinks(context) == []
+
+
+def test_parquet_opens_at_the_results_location(tmp_path):
+    opened = open_one("parquet", tmp_path, {})
+    assert isinstance(opened.sink, ParquetSink) and opened.sink.location == opened.context.results
+    assert opened.sink.outcome() == {}
+
+
+def parquet_sink(tmp_path: Path) -> ParquetSink:
+    return ParquetSink(tmp_path / "results", SCHEMA, rows_per_file=7, flush_seconds=3600,
+                       metadata={"sweep.name": "contract"})
+
+
 def test_parquet_files_are_complete_and_one_schema(tmp_path):
-    sink = ParquetCase().make(tmp_path)
+    sink = parquet_sink(tmp_path)
     only_invalid = batch(3, 1).select(["candidate_id", "status", "error", "path", "worker", "eval_seconds"])
     sink.write(only_invalid)  # no metric columns: filled with nulls
     for start in range(4, 40, 6):
@@ -125,6 +217,6 @@ def test_parquet_flushes_by_time(tmp_path):
 
 
 def test_conform_refuses_unknown_columns(tmp_path):
-    sink = ParquetCase().make(tmp_path)
+    sink = parquet_sink(tmp_path)
     with pytest.raises(ValueError, match="extra_metric"):
         sink.write(batch(0, 2).append_column("extra_metric", pa.array([1.0, 2.0])))

@@ -1,10 +1,16 @@
-"""The worker: one module and its eval data held on one device, many batches evaluated."""
+"""The worker: one module and its eval data held on one device, many batches evaluated.
+
+A worker of a study with a population (`pbt`, `search`) also holds a shard of
+its members (weights, optimiser state, hyperparameters) on that device, from
+the study's `PopulationPlan`: a batch whose source is a `Train` is a round of
+them (exploit, explore, train, evaluate).
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -13,23 +19,34 @@ import torch
 
 from sweep.config import SweepConfig
 from sweep.evaluator import CandidateError
-from sweep.model import load_weights
+from sweep.model import build_module, load_weights
+from sweep.population import Member, PopulationPlan, Train, start_population, train_round
 from sweep.studies.base import CandidateBatch, RecipeBatch
 from sweep.workload import build_evaluator, resolve_device
 
 
-class Worker:
-    """What every worker holds: the config, the module and eval data on its device (an Evaluator)."""
+class SweepWorker:
+    """Builds the module once from the config (and weights), then evaluates batches: recipe rows (anchors
+    fetched once by key from `anchor_refs`), explicit candidates, or rounds of its members.
 
-    def __init__(self, config: Dict[str, Any], weights: Optional[bytes], weights_name: str,
-                 chunk_size: Optional[int] = None):
+    With `population`, the worker holds members `members` of it, all of them in
+    one evaluation chunk (no start-up measurement of chunk sizes).
+    """
+
+    def __init__(self, config: Dict[str, Any], weights: Optional[bytes] = None, weights_name: str = "",
+                 anchor_refs: Optional[Dict[str, Any]] = None, population: Optional[PopulationPlan] = None,
+                 members: Sequence[int] = ()):
         self.cfg = SweepConfig.model_validate(config, context={"check_files": False})
         torch.set_num_threads(max(1, int(self.cfg.workers.cpus)))
         device = resolve_device(self.cfg.workers.device, self.cfg.workers.gpus)
         tensors = load_weights(weights, weights_name) if weights is not None else None
+        self.members = list(members)
+        chunk_size = len(self.members) if population is not None else None
         self.evaluator = build_evaluator(self.cfg, tensors, device, chunk_size=chunk_size)
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
         self.node = ray.get_runtime_context().get_node_id()
+        # Object refs of each recipe's anchors, fetched on first use and kept on the device.
+        self.anchor_refs = dict(anchor_refs or {})
         try:
             self.metric_names = self.evaluator.probe_metric_names()
             self.setup_error = None
@@ -39,36 +56,43 @@ class Worker:
                 f"the model with its own weights failed on the eval data ({e}); "
                 f"check model.factory, data.loader and metrics.function"
             )
+        self.population = None
+        if population is not None:
+            model = self.cfg.model
+            self.population = start_population(
+                population, self.members, self.evaluator.module, self.evaluator.device,
+                factory=lambda seed: build_module(model.factory, model.kwargs, seed=seed))
 
     def describe(self) -> Dict[str, Any]:
-        return {
+        info = {
             "worker": self.name,
             "node": self.node,
             "pid": os.getpid(),
             "device": str(self.evaluator.device),
             "metric_names": list(self.metric_names),
-            "mode": self.evaluator.mode,
+            "strategy": self.evaluator.strategy,
             "chunk_size": self.evaluator.chunk_size,
             "error": self.setup_error,
         }
+        if self.population is not None:
+            info["members"] = self.members
+        return info
 
-    def _stamp(self, table: pa.Table) -> pa.Table:
-        """`table` with the `worker` and `node` columns of this worker."""
-        table = table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))
-        return table.append_column("node", pa.array([self.node] * table.num_rows, pa.string()))
+    def evaluate(self, batch: CandidateBatch, imports: Optional[Mapping[int, Tuple[Any, int]]] = None) -> pa.Table:
+        """The batch's rows with its columns, this worker and its node.
 
-
-class EvalWorker(Worker):
-    """Builds the module once from the config (and weights), then evaluates batches."""
-
-    def __init__(self, config: Dict[str, Any], weights: Optional[bytes] = None, weights_name: str = "",
-                 anchor_refs: Optional[Dict[str, Any]] = None):
-        super().__init__(config, weights, weights_name)
-        # Object refs of each recipe's anchors, fetched on first use and kept on the device.
-        self.anchor_refs = dict(anchor_refs or {})
-
-    def evaluate(self, batch: CandidateBatch) -> pa.Table:
-        if isinstance(batch.source, RecipeBatch):
+        `imports` serves a `Train` batch whose members take the weights of
+        members another worker holds: {donor: (object ref of the list another
+        worker's `export` returned, the donor's place in it)}.
+        """
+        if isinstance(batch.source, Train):
+            if self.population is None:
+                raise TypeError("a Train batch is a round of a population: this worker holds none")
+            refs = list({ref: None for ref, _ in (imports or {}).values()})  # each export fetched once
+            exported = dict(zip(refs, ray.get(refs)))
+            states = {donor: exported[ref][i] for donor, (ref, i) in (imports or {}).items()}
+            table = train_round(self.population, self.evaluator, batch.ids, batch.source, states)
+        elif isinstance(batch.source, RecipeBatch):
             key = batch.source.key
             if not self.evaluator.has_anchors(key):
                 self.evaluator.add_anchors(ray.get(self.anchor_refs[key]), key)
@@ -85,5 +109,26 @@ class EvalWorker(Worker):
             table = table.append_column(name, pa.array(values))
         return self._stamp(table)
 
+    def export(self, members: Sequence[int]) -> List[Member]:
+        """Copies of `members`' weights, optimiser state and hyperparameters, on the CPU (for another worker)."""
+        return self._held().export(members)
 
-RemoteEvalWorker = ray.remote(EvalWorker)
+    def state_dict(self, member: int) -> Dict[str, torch.Tensor]:
+        """The member's weights with the module's buffers, on the CPU: a loadable state dict."""
+        params = self._held().export([member])[0].params
+        out = {n: b.detach().cpu().clone() for n, b in self.evaluator.module.named_buffers()}
+        out.update(params)
+        return {n: out[n] for n in self.evaluator.module.state_dict() if n in out}
+
+    def _held(self) -> Any:
+        if self.population is None:
+            raise TypeError("this worker holds no population: it has no members to export")
+        return self.population
+
+    def _stamp(self, table: pa.Table) -> pa.Table:
+        """`table` with the `worker` and `node` columns of this worker."""
+        table = table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))
+        return table.append_column("node", pa.array([self.node] * table.num_rows, pa.string()))
+
+
+RemoteSweepWorker = ray.remote(SweepWorker)

@@ -1,7 +1,16 @@
-"""Drive one sweep: plan the study, start workers, stream results to the sinks."""
+"""Drive one sweep: plan the study, start workers, stream results to the sinks.
+
+Every study runs through one loop: its batches go to an executor — a `Pool`
+of interchangeable workers, or `Members` when the study keeps a population on
+its workers (`study.population`) — and the rows that come back go to every
+enabled sink, the tally and the study. The driver knows studies and sinks only
+through their registries and interfaces; the Parquet results store is the one
+sink it reads (to resume, or to refuse to overwrite).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -21,17 +30,19 @@ import ray
 
 import sweep
 from sweep.claim import CLAIM_NAMES, claim
-from sweep.config import SweepConfig, check_metric_names, dump_config, flatten, load_config
+from sweep.config import SweepConfig, dump_config, flatten, load_config
 from sweep.errors import SweepError
-from sweep.model import read_file_bytes
+from sweep.messages import last_line
+from sweep.model import read_file_bytes, write_weights_file
 from sweep.results import Tally, failed_rows, results_schema
-from sweep.sinks.mlflow import Children, MlflowSink
-from sweep.sinks import close_sinks
-from sweep.sinks.parquet import ParquetSink, ResultsWriteError, clear, dataset, has_results
+from sweep.sinks import check_columns, close_sinks, open_sinks
+from sweep.sinks.base import SinkContext
+from sweep.sinks.parquet import ResultsWriteError, clear, dataset, has_results, results_location
 from sweep.studies import plan
 from sweep.studies.base import StudyContext
 
-from .actor import RemoteEvalWorker
+from .actor import RemoteSweepWorker
+from .members import Members
 from .pool import Pool
 
 log = logging.getLogger("sweep")
@@ -205,15 +216,11 @@ def worker_count(config: SweepConfig) -> int:
     return max(1, int(resources.get("CPU", 1) // w.cpus))
 
 
-def results_location(config: SweepConfig, run_dir: Path) -> str:
-    """Where the Parquet dataset goes: `sinks.parquet.path` (a folder or URI), else <run_dir>/results."""
-    return config.sinks.parquet.path or str(run_dir / "results")
-
-
-def write_run_record(run_dir: Path, **fields: Any) -> None:
-    """`run.json` beside the results: where they are, the config digest, the MLflow run."""
+def write_run_record(run_dir: Path, *, replace: bool = False, **fields: Any) -> None:
+    """`run.json` beside the results: where they are, the config digest, the findings and what the sinks
+    note there (the MLflow run). `replace`: a new run's record, nothing kept from an earlier one."""
     path = run_dir / "run.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
+    record = json.loads(path.read_text()) if path.exists() and not replace else {}
     record.update(fields)
     temporary = path.with_name(".run.json.tmp")
     temporary.write_text(json.dumps(record, indent=2))
@@ -246,8 +253,7 @@ def run(
             clear(results, keep=CLAIM_NAMES)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
-        write_run_record(run_dir, name=config.name, results=results, config_digest=config.digest(),
-                         mlflow_run_id=None)
+        write_run_record(run_dir, replace=True, name=config.name, results=results, config_digest=config.digest())
         return _sweep(config, run_dir, results, address=address, progress=progress, on_batch=on_batch,
                       study=study)
 
@@ -278,7 +284,7 @@ def resume(run_dir: Path, overrides: Sequence[str] = (), *, address: Optional[st
     with claim(run_dir, results):  # a run (or resume) still going here is refused, naming it
         # The MLflow run keeps the params it was started with: the workers of this resume go in its tags.
         return _sweep(wanted, run_dir, results, address=address, progress=progress, on_batch=on_batch,
-                      resumed=True, mlflow_run_id=record.get("mlflow_run_id"), params=flatten(saved.to_dict()))
+                      resumed=True, params=flatten(saved.to_dict()))
 
 
 def config_differences(saved: SweepConfig, wanted: SweepConfig) -> List[str]:
@@ -302,75 +308,76 @@ def _done_ids(results: str, tally: Tally, study: Any) -> frozenset:
 
 def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optional[str], progress: Optional[bool],
            on_batch: Optional[Callable[[int, int], None]], study: Any = None, resumed: bool = False,
-           mlflow_run_id: Optional[str] = None, params: Optional[Dict[str, Any]] = None) -> RunResult:
+           params: Optional[Dict[str, Any]] = None) -> RunResult:
     if study is None:
         study = plan(config.study, StudyContext.from_config(config, run_dir))
+    if resumed and not study.resumable:
+        raise SweepError(f"a {config.study.kind} study cannot be resumed ({study.not_resumable}); "
+                         f"run it again with --overwrite")
     weights = read_file_bytes(config.model.weights) if config.model.weights else None
-    trains = getattr(study, "trains", False)
-    if trains and resumed:
-        raise SweepError(f"a {config.study.kind} study cannot be resumed (the members' weights lived on its "
-                         f"workers); run it again with --overwrite")
     try:
         return _evaluate(config, run_dir, results, study, weights, address=address, progress=progress,
-                         on_batch=on_batch, resumed=resumed, mlflow_run_id=mlflow_run_id, params=params)
+                         on_batch=on_batch, resumed=resumed, params=params)
     except ResultsWriteError as e:
-        raise SweepError(write_failure(e, run_dir, trains)) from None
+        raise SweepError(write_failure(e, run_dir, None if study.resumable else study.not_resumable)) from None
 
 
-def write_failure(error: ResultsWriteError, run_dir: Path, trains: bool) -> str:
-    """What a failed results write means to the user: the rows that are safe, and how to finish."""
+def write_failure(error: ResultsWriteError, run_dir: Path, not_resumable: Optional[str] = None) -> str:
+    """What a failed results write means to the user: the rows that are safe, and how to finish
+    (`not_resumable`: why the study cannot be resumed, None when it can)."""
     try:
         safe = f"{dataset(error.location).count_rows():,} rows are" if has_results(error.location) else "no row is"
     except (OSError, ValueError) as e:
-        safe = f"the rows in its complete part-*.parquet files are (they could not be counted: {_cause(e)})"
+        safe = f"the rows in its complete part-*.parquet files are (they could not be counted: {last_line(e)})"
     fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota",
            errno.EACCES: "make it writable", errno.EPERM: "make it writable",
            errno.EROFS: "make it writable"}.get(error.errno, "fix that")
-    finish = (f"`sweep resume {run_dir}` finishes the rest" if not trains
-              else "run it again with --overwrite (a training study cannot be resumed)")
+    finish = (f"`sweep resume {run_dir}` finishes the rest" if not_resumable is None
+              else f"run it again with --overwrite (the study cannot be resumed: {not_resumable})")
     return f"{error}. {safe} safe in {error.location}; {fix}, then {finish}."
 
 
 def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weights: Optional[bytes], *,
               address: Optional[str], progress: Optional[bool], on_batch: Optional[Callable[[int, int], None]],
-              resumed: bool, mlflow_run_id: Optional[str], params: Optional[Dict[str, Any]]) -> RunResult:
+              resumed: bool, params: Optional[Dict[str, Any]]) -> RunResult:
     """Start the workers, stream the study's rows through them to the sinks, and sum up."""
-    trains = getattr(study, "trains", False)
     connect(address)
     count = worker_count(config)
-    if trains:
-        count = min(count, study.population)  # one shard per worker, none empty
+    if study.population is not None:
+        count = min(count, study.population.size)  # one shard of members per worker, none empty
     check_fits(config, count)
-    if trains:
-        return _train_sweep(config, study, run_dir, results, count, weights, progress, on_batch)
-    make_actor = worker_factory(config, weights, study.anchors())
-    pool = Pool(make_actor, count, config.workers.max_in_flight)
-    metric_names = describe_workers(pool.actors)
-    objective = check_metrics(config, metric_names)
-    study.bind(objective, config.metrics.mode, metric_names)
-    tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
-    done = _done_ids(results, tally, study) if resumed else frozenset()
-    schema = results_schema(study.columns, metric_names)
-    sinks = open_sinks(config, schema, metric_names, results, run_dir, len(study), count, mlflow_run_id,
-                       params=params)
-    batch_size = study.default_batch_size if config.workers.batch_size == "auto" else config.workers.batch_size
+    make_actor = worker_factory(config, weights, study.anchors(), study.population)
+    executor = (Pool(make_actor, count, config.workers.max_in_flight) if study.population is None
+                else Members(make_actor, study.population, count))
+    sinks: List[Any] = []
+    tally: Optional[Tally] = None
+    findings: Dict[str, float] = {}
     completed = False
     try:
+        metric_names = describe_workers(executor.actors)
+        schema = results_schema(study.fields(), metric_names)
+        objective = check_metrics(config, metric_names, schema)
+        study.bind(objective, config.metrics.mode, metric_names)
+        tally = Tally(objective, config.metrics.mode, label=next(iter(study.columns), None))
+        done = _done_ids(results, tally, study) if resumed else frozenset()
+        sinks = open_sinks(sink_context(config, run_dir, results, schema, metric_names, len(study), count, params))
+        batch_size = study.default_batch_size if config.workers.batch_size == "auto" else config.workers.batch_size
         with Progress(len(study), enabled=progress, done=len(done)) as reporter:
             batches = study.batches(batch_size, skip=done)
-            for _, table in pool.map_unordered(batches, failed_rows):
+            for _, table in executor.map_unordered(batches, failed_rows):
                 land(table, sinks, tally, study, reporter, on_batch)
+        findings = study.summarise()
+        save_members(study.saved_members(), getattr(executor, "state_dict", None), run_dir)
         completed = True
     finally:
-        summary = tally.summary()
-        findings = study.summarise() if completed else {}
+        summary = tally.summary() if tally is not None else {}
         summary.update(findings)
         summary["completed"] = completed
         summary["workers"] = count
-        summary["worker_replacements"] = pool.replacements
-        summary["batch_retries"] = pool.retries
+        summary["worker_replacements"] = executor.replacements
+        summary["batch_retries"] = executor.retries
         failure = close_sinks(sinks, summary)
-        for actor in pool.actors:
+        for actor in executor.actors:
             ray.kill(actor)
     if failure is not None:  # the last rows did not reach the results
         raise failure
@@ -389,68 +396,85 @@ def land(table: pa.Table, sinks: List[Any], tally: Tally, study: Any, reporter: 
         on_batch(tally.done, len(study))
 
 
+def save_members(saved: Dict[str, int], state_dict: Optional[Callable[[int], Dict[str, Any]]],
+                 run_dir: Path) -> None:
+    """Write each member a study saves (file name → member) into the run folder, with its member id."""
+    if saved and state_dict is None:
+        raise SweepError(f"the study saves members ({', '.join(saved)}) but keeps no population on its workers")
+    for name, member in saved.items():
+        write_weights_file(state_dict(member), run_dir / name, metadata={"member": str(member)})
+
+
 def finish(config: SweepConfig, run_dir: Path, results: str, summary: Dict[str, Any], tally: Tally,
            sinks: List[Any], findings: Dict[str, float]) -> RunResult:
-    """The run's result once the sinks are closed; the findings recorded in run.json."""
+    """The run's result once the sinks are closed; the findings recorded in run.json.
+
+    What each sink adds (its `outcome()`) fills the fields of `RunResult` it
+    names (an MLflow run id); the rest goes into the summary. Its `warnings`
+    become the result's.
+    """
     if findings:
         write_run_record(run_dir, findings=findings)
-    mlflow_sink = next((s for s in sinks if isinstance(s, MlflowSink)), None)
     warnings: List[str] = []
-    if mlflow_sink is not None:
-        warnings.extend(mlflow_sink.errors)
-        summary["mlflow_missed_metrics"] = mlflow_sink.missed_metrics
-    return RunResult(
-        name=config.name,
-        run_dir=run_dir,
-        results_dir=results,
-        summary=summary,
-        problems=tally.problems,
-        mlflow_run_id=mlflow_sink.run_id if mlflow_sink else None,
-        warnings=warnings,
-        findings=findings,
-    )
+    outcome: Dict[str, Any] = {}
+    for sink in sinks:
+        warnings.extend(sink.warnings)
+        outcome.update(sink.outcome())
+    fields = {f.name for f in dataclasses.fields(RunResult)} - SET_BY_THE_DRIVER
+    own = {k: outcome.pop(k) for k in list(outcome) if k in fields}
+    summary.update(outcome)
+    return RunResult(name=config.name, run_dir=run_dir, results_dir=results, summary=summary,
+                     problems=tally.problems, warnings=warnings, findings=findings, **own)
 
 
-def _train_sweep(config: SweepConfig, study: Any, run_dir: Path, results: str, count: int, weights: Optional[bytes],
-                 progress: Optional[bool], on_batch: Optional[Callable[[int, int], None]]) -> RunResult:
-    """A training study (pbt, search): the population sharded over the workers, generation by generation."""
-    from .training import train
-
-    def sinks_for(schema: pa.Schema, metric_names: List[str]) -> List[Any]:
-        return open_sinks(config, schema, metric_names, results, run_dir, len(study), count,
-                          children=[*study.hyper_names, "parent", "step"])
-
-    summary, tally, sinks, findings = train(config, study, run_dir, count, weights, sinks_for,
-                                            Progress(len(study), enabled=progress), on_batch)
-    return finish(config, run_dir, results, summary, tally, sinks, findings)
+#: The fields of `RunResult` no sink's outcome may set.
+SET_BY_THE_DRIVER = frozenset({"name", "run_dir", "results_dir", "summary", "problems", "warnings", "findings"})
 
 
-def worker_factory(config: SweepConfig, weights: Optional[bytes], anchors: Dict[str, Any]) -> Callable[[], Any]:
-    """Makes worker actors; the weights and each recipe's anchors enter the object store once for all of them."""
+def sink_context(config: SweepConfig, run_dir: Path, results: str, schema: pa.Schema, metric_names: List[str],
+                 total: int, workers: int, params: Optional[Dict[str, Any]] = None) -> SinkContext:
+    """What the sinks open with; `params`: the MLflow run's params (default: the flattened config)."""
+    path = run_dir / "run.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    stamp = {"sweep.name": config.name, "sweep.config_digest": config.digest(),
+             **{f"sweep.version.{k}": v for k, v in versions().items()}}
+    return SinkContext(
+        config=config, schema=schema, metric_names=list(metric_names),
+        results=results if config.sinks.parquet.enabled else None, run_dir=run_dir, total=total,
+        workers=workers, stamp=stamp, record=record,
+        update_record=lambda **fields: write_run_record(run_dir, **fields),
+        params=params if params is not None else flatten(config.to_dict()))
+
+
+def worker_factory(config: SweepConfig, weights: Optional[bytes], anchors: Dict[str, Any],
+                   population: Optional[Any] = None) -> Callable[..., Any]:
+    """Makes worker actors; the weights, each recipe's anchors and the study's population plan (if any) enter
+    the object store once for all of them. `make(members)` starts a worker holding those members of the plan."""
     options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
     weights_ref = ray.put(weights) if weights is not None else None
     anchor_refs = {key: ray.put(value) for key, value in anchors.items()}
+    plan_ref = ray.put(population) if population is not None else None
     spec = config.to_dict()
     weights_name = config.model.weights or ""
     serial = iter(range(1 << 62))
     stamp = uuid.uuid4().hex[:8]
 
-    def make() -> Any:
+    def make(members: Sequence[int] = ()) -> Any:
         # Named, so operators (and `ray list actors`) can tell a sweep's workers apart.
         name = f"sweep:{config.name}:{stamp}:worker-{next(serial)}"
-        return RemoteEvalWorker.options(name=name, **options).remote(spec, weights_ref, weights_name, anchor_refs)
+        return RemoteSweepWorker.options(name=name, **options).remote(spec, weights_ref, weights_name, anchor_refs,
+                                                                      plan_ref, list(members))
 
     return make
 
 
-def check_metrics(config: SweepConfig, metric_names: List[str], logged: Sequence[str] = ()) -> Optional[str]:
+def check_metrics(config: SweepConfig, metric_names: List[str], schema: pa.Schema) -> Optional[str]:
     """The objective, once the workers have said which metrics there are.
 
-    With MLflow on, the metric names (and `logged`: other columns logged as
-    metrics) are checked now, not discovered by MLflow mid-sweep.
+    Each enabled sink checks now the names it records (the metrics, and the
+    columns it logs beside them), rather than discovering a bad one mid-sweep.
     """
-    if config.sinks.mlflow.enabled:
-        check_metric_names([*metric_names, *logged])
+    check_columns(config, schema, metric_names)
     objective = config.metrics.objective or (metric_names[0] if metric_names else None)
     if objective is not None and objective not in metric_names:
         raise SweepError(f"metrics.objective is {objective!r}, but the metrics function returns {metric_names}")
@@ -462,48 +486,11 @@ def describe_workers(actors: List[Any]) -> List[str]:
     try:
         infos = ray.get([a.describe.remote() for a in actors])
     except ray.exceptions.RayActorError as e:
-        raise SweepError(f"a worker could not start: {_cause(e)}") from e  # the traceback under SWEEP_DEBUG=1
+        raise SweepError(f"a worker could not start: {last_line(e)}") from e  # the traceback under SWEEP_DEBUG=1
     errors = [i["error"] for i in infos if i["error"]]
     if errors:
         raise SweepError(errors[0])
     return infos[0]["metric_names"]
-
-
-def open_sinks(config: SweepConfig, schema, metric_names: List[str], results: str, run_dir: Path,
-               total: int, workers: int, mlflow_run_id: Optional[str] = None,
-               children: Optional[List[str]] = None, params: Optional[Dict[str, Any]] = None) -> List[Any]:
-    """The configured sinks; `children` (a training study's columns) gives each member its own MLflow run;
-    `params`: the MLflow run's params (default: the flattened config)."""
-    sinks: List[Any] = []
-    stamp = {"sweep.name": config.name, "sweep.config_digest": config.digest(),
-             **{f"sweep.version.{k}": v for k, v in versions().items()}}
-    if config.sinks.parquet.enabled:
-        p = config.sinks.parquet
-        sinks.append(ParquetSink(results, schema, rows_per_file=p.rows_per_file, flush_seconds=p.flush_seconds,
-                                 metadata=stamp))
-    if config.sinks.mlflow.enabled:
-        m = config.sinks.mlflow
-        sinks.append(MlflowSink(
-            m.experiment or config.name,
-            run_name=config.name,
-            tracking_uri=m.tracking_uri,
-            params=params if params is not None else flatten(config.to_dict()),
-            tags={**stamp, "sweep.git_commit": git_commit(), "sweep.workers": str(workers)},
-            metric_names=metric_names,
-            per_candidate=total <= m.max_candidate_metrics,
-            results_uri=results if config.sinks.parquet.enabled else None,
-            retry_seconds=m.retry_seconds,
-            run_id=mlflow_run_id,
-            on_run=lambda run_id: write_run_record(run_dir, mlflow_run_id=run_id),
-            **({"children": Children(values=children)} if children is not None else {}),
-        ))
-    return sinks
-
-
-def _cause(error: BaseException) -> str:
-    text = str(error)
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def versions() -> Dict[str, str]:
@@ -512,15 +499,6 @@ def versions() -> Dict[str, str]:
 
     return {"sweep": sweep.__version__, "torch": torch.__version__, "ray": ray.__version__,
             "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Progress:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from sweep.messages import last_line
 from sweep.studies.base import CandidateBatch, Wait
 
 log = logging.getLogger("sweep")
@@ -109,14 +110,14 @@ class Pool:
             try:
                 table = ray.get(ready[0])
             except RayActorError as e:
-                error = f"the worker died: {_cause(e)}"
+                error = f"the worker died: {last_line(e)}"
                 own = task.suspect  # it ran alone: the death was its doing
                 self._replace(index, generation, error)
             except RayTaskError as e:
                 # The evaluation raised (not a candidate's error: those are rows).
-                error, own = f"the worker raised: {_cause(e)}", True
+                error, own = f"the worker raised: {last_line(e)}", True
             except RayError as e:
-                error, own = f"{type(e).__name__}: {_cause(e)}", True
+                error, own = f"{type(e).__name__}: {last_line(e)}", True
             else:
                 self._deaths_in_row = 0
                 yield task.batch, table
@@ -214,11 +215,3 @@ def _failure_message(task: _Task, error: str) -> str:
         runs += (f"; its {type(task.batch.source).__name__} source cannot be split, so all "
                  f"{len(task.batch)} of its candidates are failed")
     return f"{error} ({runs})"
-
-
-def _cause(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if not line.startswith(("File ", "Traceback", "^")):
-            return line[:500]
-    return type(error).__name__

@@ -1,11 +1,65 @@
-"""Result sinks: one small interface (write, flush, close), many implementations."""
+"""Result sinks: a sink is one module here plus one line in `SINKS`.
 
-from typing import Any, Dict, List, Optional
+Each module brings its `Config` (its section of the config's `sinks:`, with `enabled`), `open(context)`
+and optionally `check(config)`, `check_columns(names)` and `columns_logged(schema)` (see `.base`). The
+config builds its `sinks:` section from `SINKS`; the driver opens, feeds and closes what is enabled, in
+the order of `SINKS`.
+"""
 
-from .base import Sink, conform
-from .parquet import ParquetSink, ResultsWriteError, read_results
+from types import ModuleType
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Sink", "conform", "ParquetSink", "read_results", "close_sinks"]
+import pyarrow as pa
+
+from ..errors import SweepError
+from . import mlflow, parquet
+from .base import Sink, SinkContext, conform
+from .parquet import ResultsWriteError
+
+SINKS: Dict[str, ModuleType] = {
+    "parquet": parquet,
+    "mlflow": mlflow,
+}
+
+__all__ = ["SINKS", "Sink", "SinkContext", "conform", "enabled_sinks", "check_columns", "open_sinks", "close_sinks"]
+
+
+def enabled_sinks(config: Any) -> List[Tuple[str, ModuleType]]:
+    """(name, module) of each sink the config's `sinks:` section enables, in the order of `SINKS`."""
+    enabled = []
+    for name, module in SINKS.items():
+        section = getattr(config.sinks, name, None)
+        if section is None:
+            raise SweepError(f"the sink {name!r} was registered in sweep.sinks.SINKS after the config was built, "
+                             f"so the config has no sinks.{name} section: call sweep.config.rebuild() after "
+                             f"registering it")
+        if section.enabled:
+            enabled.append((name, module))
+    return enabled
+
+
+def check_columns(config: Any, schema: pa.Schema, metric_names: Sequence[str]) -> None:
+    """Before any row: each enabled sink refuses the names it could not record (a `SweepError` naming one):
+    the metric names, and the columns it records beside them (`columns_logged`)."""
+    for _, module in enabled_sinks(config):
+        check = getattr(module, "check_columns", None)
+        if check is None:
+            continue
+        logged = getattr(module, "columns_logged", None)
+        check([*metric_names, *(logged(schema) if logged is not None else ())])
+
+
+def open_sinks(context: SinkContext) -> List[Sink]:
+    """The enabled sinks, opened in the order of `SINKS`; when one cannot be opened, those opened before
+    it are closed (the sweep did not complete) and the error is raised."""
+    sinks: List[Sink] = []
+    try:
+        for _, module in enabled_sinks(context.config):
+            sinks.append(module.open(context))
+    except BaseException:
+        close_sinks(sinks, {"completed": False})
+        raise
+    return sinks
 
 
 def close_sinks(sinks: List[Any], summary: Dict[str, Any]) -> Optional[ResultsWriteError]:
@@ -19,4 +73,3 @@ def close_sinks(sinks: List[Any], summary: Dict[str, Any]) -> Optional[ResultsWr
             failure = failure or e
             summary["completed"] = False
     return failure
-

@@ -13,11 +13,16 @@ Small sweeps log every candidate's metrics with `step = candidate_id`; larger
 ones log per-batch summaries (`batch.<metric>.min|mean|max`, one step per
 batch) so the UI stays usable, and point at the full table.
 
-Studies whose rows follow members over generations (population-based training)
-pass `children`: each member then gets a child run of the sweep's run, nested
-under it in the UI, with its metrics (and chosen columns such as its
-hyperparameters) at one step per generation. The sweep's run keeps its params,
-tags, summary and per-batch summaries.
+Rows that follow members over generations (population-based training: the
+results schema has the lineage columns `member` and `generation`) go to child
+runs: each member gets a child run of the sweep's run, nested under it in the
+UI, with its metrics, its numeric recipe columns (its hyperparameters) and the
+other lineage columns at one step per generation. The sweep's run keeps its
+params, tags, summary and per-batch summaries.
+
+The config's keys become MLflow params and the metric names MLflow metrics:
+`check` (at load time) and `check_columns` (once the metric names are known)
+refuse names MLflow would refuse, before any row, naming them.
 """
 
 from __future__ import annotations
@@ -25,16 +30,28 @@ from __future__ import annotations
 import logging
 import math
 import os
+import posixpath
 import queue
+import re
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
+from pydantic_core import PydanticCustomError
+
+from ..errors import SweepError
+from ..messages import first_line, kind_of, one_line, short
+from ..results import LINEAGE, RECIPE, role_of
+from ..settings import MAX_INT64, MAX_SECONDS, Float, Int, Section, Text, leaves
+from .base import SinkContext
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +69,115 @@ LONGEST_BACKOFF = 8.0
 FIRST_CONTACT_SECONDS = 15.0
 #: Seconds `close` waits for the queue to drain beyond the retry window.
 CLOSE_GRACE = 30.0
+#: Longest error text a warning quotes.
+MAX_REASON_LENGTH = 300
 #: Suffix of the companion metric that marks a NaN or ±inf value (MLflow stores NaN as 0 with a flag and clamps inf).
 NONFINITE_SUFFIX = ".nonfinite"
+#: The per-batch summaries of a metric `{name}`, logged instead of one step per candidate in sweeps of more
+#: than `max_candidate_metrics` candidates: the finite values' min, mean and max, and how many were not finite.
+BATCH_METRICS = {"min": "batch.{name}.min", "mean": "batch.{name}.mean", "max": "batch.{name}.max",
+                 "nonfinite": "batch.{name}" + NONFINITE_SUFFIX}
+#: Prefix of the sweep's summary numbers as metrics (`summary.best_<objective>`, `summary.candidates`, …).
+SUMMARY_PREFIX = "summary."
+#: The lineage columns that give each member its own child run: one per `member`, one step per `generation`.
+CHILD_KEY = "member"
+CHILD_STEP = "generation"
+
+#: MLflow's rules for metric names and param keys (mlflow/utils/validation.py): at most
+#: MAX_ENTITY_KEY_LENGTH characters, only the characters of `validate_param_and_metric_name`
+#: (it allows ':' too, except on Windows; a tracking server may run anywhere, so ':' is refused
+#: here), and `path_not_unique`: the name must be its own normalised relative path.
+MLFLOW_MAX_KEY_LENGTH = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
+MLFLOW_KEY_PATTERN = re.compile(r"[/\w.\- ]*")  # fullmatch; MLflow's own `$` also lets one trailing newline by
+#: MLflow refuses empty experiment names and those longer than this (MAX_EXPERIMENT_NAME_LENGTH).
+MLFLOW_MAX_EXPERIMENT_NAME_LENGTH = 500
 
 _STOP = object()
+
+
+class Config(Section):
+    """One MLflow run per sweep."""
+
+    enabled: bool = True
+    tracking_uri: Optional[Text] = Field(
+        None, min_length=1, description="default: $MLFLOW_TRACKING_URI, else MLflow's default")
+    experiment: Optional[Text] = Field(
+        None, min_length=1, max_length=MLFLOW_MAX_EXPERIMENT_NAME_LENGTH, description="default: the sweep's name")
+    max_candidate_metrics: Int = Field(
+        10_000, ge=0, le=MAX_INT64,
+        description="sweeps with more candidates log per-batch summaries, not one step per candidate")
+    retry_seconds: Float = Field(
+        120.0, ge=0, le=MAX_SECONDS,
+        description="how long one logging request is retried (with backoff) while a server that has answered is "
+                    "away; one that has not answered yet is tried for 15 s at most")
+
+
+def open(context: SinkContext) -> "MlflowSink":
+    """The sweep's MLflow run: created, or on resume reopened from run.json's `mlflow_run_id` (its id goes
+    into run.json as soon as it is known); members get child runs when the schema's lineage says so."""
+    config = context.config
+    settings = config.sinks.mlflow
+    return MlflowSink(
+        settings.experiment or config.name,
+        run_name=config.name,
+        tracking_uri=settings.tracking_uri,
+        params=context.params,
+        tags={**context.stamp, "sweep.git_commit": git_commit(), "sweep.workers": str(context.workers)},
+        metric_names=context.metric_names,
+        per_candidate=context.total <= settings.max_candidate_metrics,
+        results_uri=context.results,
+        retry_seconds=settings.retry_seconds,
+        run_id=context.record.get("mlflow_run_id"),
+        on_run=lambda run_id: context.update_record(mlflow_run_id=run_id),
+        children=children_of(context.schema),
+    )
+
+
+def git_commit() -> str:
+    """The commit of the checkout sweep runs from, or 'unknown' (an installed package, no git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 @dataclass
 class Children:
     """Rows grouped into one child run each, one step per `step` value."""
 
-    key: str = "member"  # rows with the same value go to one child run
-    step: str = "generation"  # the MLflow step of each row's metrics
+    key: str = CHILD_KEY  # rows with the same value go to one child run
+    step: str = CHILD_STEP  # the MLflow step of each row's metrics
     name: str = "member-{:03d}"  # run name of the child for key value k
     values: Sequence[str] = ()  # columns logged as metrics of the child, besides the sweep's metric names
     params: Dict[int, Dict[str, str]] = field(default_factory=dict)  # params of the child for key value k, logged once
+
+
+def columns_logged(schema: pa.Schema) -> List[str]:
+    """The columns logged to the child runs beside the metrics: when the schema has the lineage columns
+    `member` and `generation`, its numeric recipe columns and other lineage columns; otherwise none."""
+    if not _has_members(schema):
+        return []
+    return [f.name for f in schema if f.name not in (CHILD_KEY, CHILD_STEP) and role_of(f) in (RECIPE, LINEAGE)
+            and _numeric(f.type)]
+
+
+def children_of(schema: pa.Schema) -> Optional[Children]:
+    """One child run per member, one step per generation, when the schema's lineage has both; else None."""
+    if not _has_members(schema):
+        return None
+    return Children(key=CHILD_KEY, step=CHILD_STEP, values=columns_logged(schema))
+
+
+def _has_members(schema: pa.Schema) -> bool:
+    """Whether the rows follow members over generations: `member` and `generation` are lineage columns."""
+    lineage = {f.name for f in schema if role_of(f) == LINEAGE}
+    return {CHILD_KEY, CHILD_STEP} <= lineage
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
 
 
 class MlflowSink:
@@ -128,6 +239,15 @@ class MlflowSink:
         self._thread.start()
 
     @property
+    def warnings(self) -> List[str]:
+        """What went wrong with MLflow; the sweep went on regardless."""
+        return list(self.errors)
+
+    def outcome(self) -> Dict[str, Any]:
+        """The MLflow run's id (None when it was never created) and the metric values it missed."""
+        return {"mlflow_run_id": self.run_id, "mlflow_missed_metrics": self.missed_metrics}
+
+    @property
     def child_run_ids(self) -> Dict[int, str]:
         """Run id of the child of each key value the sink has created or found so far (all of them after `close`)."""
         return self._child_runs.copy()
@@ -156,10 +276,11 @@ class MlflowSink:
                 values = ok.column(n).to_numpy(zero_copy_only=False)
                 finite = values[np.isfinite(values)]
                 if len(finite):
-                    summary.update({f"batch.{n}.min": finite.min(), f"batch.{n}.mean": finite.mean(),
-                                    f"batch.{n}.max": finite.max()})
+                    summary.update({BATCH_METRICS["min"].format(name=n): finite.min(),
+                                    BATCH_METRICS["mean"].format(name=n): finite.mean(),
+                                    BATCH_METRICS["max"].format(name=n): finite.max()})
                 if len(finite) < len(values):
-                    summary[f"batch.{n}{NONFINITE_SUFFIX}"] = float(len(values) - len(finite))
+                    summary[BATCH_METRICS["nonfinite"].format(name=n)] = float(len(values) - len(finite))
             self._queue.put(("batch", step, summary))
 
     def flush(self) -> None:
@@ -184,7 +305,8 @@ class MlflowSink:
             client = self._start()
         except Exception as e:  # the sweep goes on without MLflow
             if self.reached or not self._down:  # a server never reached has had its warning
-                self._error(f"could not start the MLflow run: {type(e).__name__}: {_first_line(e)}")
+                self._error(f"could not start the MLflow run: {type(e).__name__}: "
+                            f"{first_line(e, MAX_REASON_LENGTH)}")
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -205,7 +327,7 @@ class MlflowSink:
                 elif item[0] == "summary":
                     self._log_summary(client, item[1])
             except Exception as e:
-                self._error(f"MLflow logging failed: {type(e).__name__}: {_first_line(e)}")
+                self._error(f"MLflow logging failed: {type(e).__name__}: {first_line(e, MAX_REASON_LENGTH)}")
 
     def _error(self, text: str) -> None:
         log.warning("%s; the sweep goes on%s", text,
@@ -290,7 +412,7 @@ class MlflowSink:
                 self.missed_metrics += len(chunk)
 
     def _log_summary(self, client, summary: Dict[str, Any]) -> None:
-        entries = [(f"summary.{k}", v, 0) for k, v in summary.items()
+        entries = [(f"{SUMMARY_PREFIX}{k}", v, 0) for k, v in summary.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         self._log_metrics(client, entries)
         if self.results_uri and not self.per_candidate and "://" not in self.results_uri \
@@ -345,7 +467,7 @@ class MlflowSink:
                     self._note(f"no column {name!r} in the results; it is not logged to the child runs")
                 continue
             kind = table.schema.field(name).type
-            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            if not _numeric(kind):
                 self._note(f"column {name!r} is {kind}, not a number; it is not logged to the child runs")
                 continue
             columns.append(name)
@@ -517,7 +639,7 @@ def _reason(error: BaseException) -> str:
         # requests and urllib3 keep the cause in args and `reason` as well as in the chain.
         linked = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
         stack.extend(x for x in linked if isinstance(x, BaseException))
-    return f"{type(error).__name__}: {_first_line(error)}"
+    return f"{type(error).__name__}: {first_line(error, MAX_REASON_LENGTH)}"
 
 
 def _shown(uri: str) -> str:
@@ -528,6 +650,87 @@ def _shown(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+# --------------------------------------------------------------------------- MLflow names
+
+
+def check(config: Any) -> None:
+    """At load time: the flattened config becomes the run's params, so each key must be one MLflow takes, and
+    no two settings may become one key; `metrics.objective`, when named, must be a metric name it takes."""
+    how = "rename it, or set sinks.mlflow.enabled: false"
+    seen: Dict[str, Tuple[Any, ...]] = {}
+    for key, at, _ in leaves(config.to_dict()):
+        problem = mlflow_name_problem(key)
+        if problem is not None:
+            raise PydanticCustomError("sweep_at", "{reason}", {"at": at, "reason": (
+                f"becomes the MLflow param {short(key)}, which MLflow refuses: it {problem}; {how}")})
+        if key in seen:
+            raise PydanticCustomError("sweep_at", "{reason}", {"at": at, "reason": (
+                f"becomes the MLflow param {short(key)}, and so does the setting at "
+                f"{' → '.join(short(k) for k in seen[key])}; rename one of them")})
+        seen[key] = at
+    objective = config.metrics.objective
+    if objective is not None:
+        problem = _metric_name_problem(objective)
+        if problem is not None:
+            raise PydanticCustomError("sweep_at", "{reason}", {"at": ("metrics", "objective"), "reason": (
+                f"{short(objective)} is logged as an MLflow metric, which MLflow refuses: {problem}; {how}")})
+
+
+def check_columns(names: Iterable[Any]) -> None:
+    """Before any row: the metric names and `columns_logged`, each as `check_metric_names` checks it."""
+    check_metric_names(names)
+
+
+def mlflow_name_problem(name: Any) -> Optional[str]:
+    """Why MLflow would refuse `name` as a metric name or param key (completing 'it …'), or None.
+
+    Mirrors `mlflow.utils.validation` (`_validate_metric_name`, `_validate_param_name` and the
+    MAX_ENTITY_KEY_LENGTH check), minus ':' (refused by MLflow on Windows) and a trailing newline.
+    """
+    if not isinstance(name, str):
+        return f"is not a string (it is {kind_of(name)})"
+    if not name:
+        return "is empty"
+    if not MLFLOW_KEY_PATTERN.fullmatch(name):
+        bad = "".join(dict.fromkeys(c for c in name if not MLFLOW_KEY_PATTERN.fullmatch(c)))
+        return (f"holds {short(bad)}; MLflow names may hold only letters, digits, "
+                f"underscores, dashes, periods, spaces and slashes")
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith("..") or norm.startswith("/"):
+        return (f"is not a plain relative path (MLflow stores names as paths, and this one resolves to "
+                f"{short(norm)}): no leading '/' or '..', no '.' or '..' parts, no '//' and no trailing '/'")
+    if len(name) > MLFLOW_MAX_KEY_LENGTH:
+        return f"is {len(name)} characters long; MLflow allows at most {MLFLOW_MAX_KEY_LENGTH}"
+    return None
+
+
+def logged_metric_names(name: str) -> List[str]:
+    """Every MLflow metric name the sink may log for a metric called `name`: itself, its NONFINITE_SUFFIX
+    flag, its BATCH_METRICS and its best value in the summary."""
+    return [name, name + NONFINITE_SUFFIX, *(template.format(name=name) for template in BATCH_METRICS.values()),
+            f"{SUMMARY_PREFIX}best_{name}"]
+
+
+def _metric_name_problem(name: Any) -> Optional[str]:
+    problem = mlflow_name_problem(name)
+    if problem is not None:
+        return f"it {problem}"
+    for logged in logged_metric_names(name)[1:]:
+        problem = mlflow_name_problem(logged)
+        if problem is not None:
+            return f"sweep also logs it as {short(logged)}, which {problem}"
+    return None
+
+
+def check_metric_names(names: Iterable[Any]) -> None:
+    """Raise `SweepError` naming the first metric name MLflow would refuse.
+
+    `names` are what the metrics function returns; each must be a valid MLflow metric
+    name, and so must every name the MLflow sink derives from it (`logged_metric_names`).
+    """
+    for name in names:
+        problem = _metric_name_problem(name)
+        if problem is not None:
+            raise SweepError(one_line(
+                f"the metrics function returns the metric {short(name)}, which MLflow refuses as a metric name: "
+                f"{problem}; rename the metric, or set sinks.mlflow.enabled: false"))

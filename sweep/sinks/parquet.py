@@ -10,21 +10,56 @@ under their final name.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..errors import SweepError
-from .base import conform
+from ..files import resolve_path
+from ..settings import MAX_ROWS_PER_FILE, MAX_SECONDS, Float, Int, Section, Text
+from .base import SinkContext, conform
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
+
+
+class Config(Section):
+    """Results as a Parquet dataset (default: <out>/runs/<name>/results/)."""
+
+    enabled: bool = True
+    path: Optional[Text] = Field(
+        None, description="where the dataset goes: a local folder or a pyarrow.fs URI (s3://, gs://, file://)")
+    rows_per_file: Int = Field(100_000, ge=1, le=MAX_ROWS_PER_FILE, description="rows buffered before a file is written")
+    flush_seconds: Float = Field(30.0, gt=0, le=MAX_SECONDS, description="longest time rows wait in the buffer")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is None or "://" in v:
+            return v
+        return resolve_path(v, info)
+
+
+def results_location(config: Any, run_dir: Path) -> str:
+    """Where the Parquet dataset of a sweep goes: `sinks.parquet.path` (a folder or URI), else <run_dir>/results."""
+    return config.sinks.parquet.path or str(Path(run_dir) / "results")
+
+
+def open(context: SinkContext) -> "ParquetSink":
+    """The results store of a sweep: at `context.results` (else `results_location`), files stamped with the sweep."""
+    settings = context.config.sinks.parquet
+    location = context.results or results_location(context.config, context.run_dir)
+    return ParquetSink(location, context.schema, rows_per_file=settings.rows_per_file,
+                       flush_seconds=settings.flush_seconds, metadata=context.stamp)
 
 
 def resolve(location: str) -> Tuple[pafs.FileSystem, str]:
@@ -41,6 +76,8 @@ def part_files(fs: pafs.FileSystem, root: str) -> List[str]:
 
 
 class ParquetSink:
+    """Rows buffered and published as whole Parquet files under one location."""
+
     def __init__(
         self,
         location: str,
@@ -67,6 +104,8 @@ class ParquetSink:
         self._dictionary = [f.name for f in self.schema if pa.types.is_string(f.type)]
         self.files_written = 0
         self.rows_written = 0
+        #: a write that fails raises (ResultsWriteError): nothing is left to warn about
+        self.warnings: List[str] = []
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -90,7 +129,7 @@ class ParquetSink:
                 temporary = f"{self.root}/.{name}.tmp"
                 try:
                     pq.write_table(table, temporary, use_dictionary=self._dictionary)
-                    with open(temporary, "rb+") as f:
+                    with io.open(temporary, "rb+") as f:  # the built-in: this module's `open` opens the sink
                         os.fsync(f.fileno())
                     os.replace(temporary, final)
                 except BaseException:
@@ -107,6 +146,10 @@ class ParquetSink:
 
     def close(self, summary: Dict[str, Any]) -> None:
         self.flush()
+
+    def outcome(self) -> Dict[str, Any]:
+        """Nothing beyond the results' location, which the sweep's result names already."""
+        return {}
 
 
 class ResultsWriteError(SweepError):

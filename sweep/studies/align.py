@@ -12,19 +12,21 @@ summary holds the barrier of each (`original_barrier_<metric>`,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, List, Literal, Optional, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
+from ..errors import ConfigError
 from ..files import resolve_file
-from ..settings import Float, Int, Section, Text
+from ..plotting import (Figure, RunView, barrier_line, draw_path, figure, fmt, label, metric_title, path_barrier,
+                        path_legend, save, shade_extrapolation)
 from ..model import write_weights_file
 from ..recipes import AffineRows, anchor_set
+from ..settings import Float, Int, Section, Text
+from ._path import AlphaRange, PathRows, alpha_values, in_module_order, load_endpoints, with_endpoints
 from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
-from .interpolate import (AlphaRange, PathRows, alpha_values, in_module_order, load_endpoints,
-                          with_endpoints)
 
 PATHS = ("original", "aligned")
 
@@ -53,8 +55,7 @@ class Align(StudyBase):
     default_batch_size = 4096
 
     def __init__(self, config: Config, context: Optional[StudyContext] = None):
-        from ..align import AlignError, align
-        from ..errors import ConfigError
+        from ..align import AlignError, align  # loads scipy: only when a study aligns
 
         reference, model = (in_module_order(e, context) for e in
                             load_endpoints([config.reference, config.model], field="study.reference/model"))
@@ -109,3 +110,48 @@ class Align(StudyBase):
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Align:
     return Align(config, context)
+
+
+def example(bench: Any) -> Dict[str, Any]:
+    """One of the bench's checkpoints aligned to another, both paths at 3 alphas."""
+    return {"kind": "align", "reference": bench.checkpoint(0), "model": bench.checkpoint(1),
+            "alphas": {"start": 0.0, "stop": 1.0, "num": 3}}
+
+
+# --------------------------------------------------------------------------- figures
+
+#: The report figures this study may write.
+FIGURES = ("align.png",)
+
+
+def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
+    """align.png: each metric along the path from A to B, as trained and aligned, with each path's barrier."""
+    alpha = run.floats("alpha")
+    paths = run.texts("path")
+    names = [p for p in PATHS if (paths == p).any()]
+    names += sorted({p for p in paths if p is not None and p not in names})
+    fig, axes = figure(len(run.metrics))
+    for ax, metric in zip(axes, run.metrics):
+        values = run.floats(metric)
+        mode = run.mode_of(metric)
+        shade_extrapolation(ax, alpha, 1)
+        for i, name in enumerate(names):
+            on = paths == name
+            bar = path_barrier(alpha[on], values[on], 1, mode)
+            height = "n/a" if bar is None else fmt(bar.height)
+            draw_path(ax, alpha[on], values[on], 1, bar, color=f"C{i}", label=f"{label(name)}: barrier {height}",
+                      ends=["A", "B"])
+            notes.append(barrier_line(metric, mode, bar, run.objective, prefix=f"{name} path: "))
+        ax.set_title(metric_title(run, metric), fontsize=10)
+        ax.set_xlabel("α (model A at 0, model B at 1)")
+        ax.set_ylabel(label(metric))
+        ax.grid(alpha=0.3)
+        path_legend(ax, alpha, 1)
+    fig.suptitle(f"{label(run.name)}: the path between two models before and after permutation alignment",
+                 fontsize=11)
+    path = folder / "align.png"
+    save(fig, path)
+    caption = ("Each metric along the straight path from model A to model B, with B as trained ('original') and "
+               "with B's units permuted to match A ('aligned'); the arrows mark each path's barrier over its chord, "
+               "and the legend gives the heights.")
+    return [Figure(path, caption)]

@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..errors import ConfigError, WeightsError
+from ..model import build_module, read_weights_file
 from ..recipes import AnchorSet, Rows, anchor_key
 from ..results import LINEAGE, RECIPE, column
 
@@ -67,6 +69,10 @@ class CandidateBatch:
             source=cut(start, stop),
             meta={k: v[start:stop] if _per_candidate(v, n) else v for k, v in self.meta.items()},
         )
+
+    def source_columns(self) -> Dict[str, Any]:
+        """The columns the source itself describes its candidates with (a recipe's alphas, seeds, …)."""
+        return self.source.rows.columns() if isinstance(self.source, RecipeBatch) else {}
 
     def halves(self) -> Optional[Tuple["CandidateBatch", "CandidateBatch"]]:
         """The batch in two parts (the first the larger), or None: one candidate, or a source that cannot be split."""
@@ -138,8 +144,6 @@ class StudyContext:
 
         def module() -> torch.nn.Module:
             if "module" not in cache:
-                from ..model import build_module, read_weights_file
-
                 weights = read_weights_file(config.model.weights) if config.model.weights else None
                 cache["module"] = build_module(config.model.factory, config.model.kwargs, weights,
                                                seed=config.model.seed)
@@ -199,12 +203,24 @@ class StudyBase:
 
 
 class Study(Protocol):
-    """A planned study: a fixed number of candidates with stable ids."""
+    """A planned study: a fixed number of candidates with stable ids (`StudyBase` gives the defaults)."""
 
-    #: the recipe columns this study adds to each row, with their Arrow types
+    #: the columns this study adds to each row, with their Arrow types (`fields()` gives their roles)
     columns: Dict[str, pa.DataType]
     #: candidates per batch sent to a worker when the config says 'auto'
     default_batch_size: int
+    objective: Optional[str]
+    mode: str
+    metric_names: Sequence[str]
+    #: False when the study cannot be resumed; `not_resumable` then says why
+    resumable: bool
+    not_resumable: str
+    #: the members the study keeps on the workers between rounds, or None
+    population: Optional[Any]
+
+    def fields(self) -> List[pa.Field]:
+        """The study's results columns with their roles."""
+        ...
 
     def anchors(self) -> Dict[str, AnchorSet]:
         """Anchor sets by key, shipped to each worker once (empty for explicit studies)."""
@@ -225,14 +241,13 @@ class Study(Protocol):
 
     def observe(self, table: pa.Table) -> None: ...
 
-    def summarise(self) -> Dict[str, float]: ...
+    def summarise(self) -> Dict[str, Any]: ...
+
+    def saved_members(self) -> Dict[str, int]: ...
 
 
 def read_weights(path: str, field: str) -> Dict[str, torch.Tensor]:
     """A weights file the config names; a file that cannot be read is a config error naming `field`."""
-    from ..errors import ConfigError, WeightsError
-    from ..model import read_weights_file
-
     try:
         return read_weights_file(path)
     except WeightsError as e:
@@ -245,8 +260,6 @@ def difference(other: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], fi
 
     Keys and shapes must match; the error names `field` and what `base_name` has.
     """
-    from ..errors import ConfigError
-
     if set(other) != set(base):
         diff = sorted(set(other).symmetric_difference(base))
         raise ConfigError(f"{field}: its keys differ from {base_name}'s: {diff[:5]}")

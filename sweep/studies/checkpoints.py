@@ -11,15 +11,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..files import checks_files, glob_matches_a_file, path_kind, resolve_path
-from ..settings import Section, Text
 from ..errors import ConfigError, WeightsError
 from ..model import glob_files, load_weights, read_file_bytes
+from ..settings import Section, Text
 from ..types import Invalid
 from .base import CandidateBatch, StudyBase, StudyContext
 
@@ -124,3 +124,10 @@ def _read(path: str) -> Union[bytes, str]:
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Checkpoints:
     return Checkpoints(config)
+
+
+def example(bench: Any) -> Dict[str, Any]:
+    """A glob over four of the bench's checkpoints (their names' common beginning, then `*`): more than one
+    batch of the contract's three."""
+    files = [bench.checkpoint(i) for i in range(4)]
+    return {"kind": "checkpoints", "paths": [os.path.commonprefix(files) + "*" + Path(files[0]).suffix]}

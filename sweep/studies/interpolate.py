@@ -17,43 +17,23 @@ checkpoints under `<run>/aligned/`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Dict, Iterator, List, Literal, Optional, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from ..analysis import barrier, metric_mode
 from ..files import resolve_files
-from ..settings import Float, Int, Section, Text
+from ..plotting import (Figure, RunView, alpha_label, barrier_line, draw_path, figure, label, metric_title,
+                        path_barrier, path_legend, save, shade_extrapolation)
 from ..errors import ConfigError
 from ..model import write_weights_file
 from ..recipes import AffineRows, AnchorSet, Rows, SlerpRows, anchor_set
-from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, read_weights
-
-#: Largest number of alphas a range may ask for.
-MAX_ALPHAS = 100_000_000
-
-
-class AlphaRange(Section):
-    """`num` evenly spaced alphas from `start` to `stop`, both included."""
-
-    start: Float = 0.0
-    stop: Float = 1.0
-    num: Int = Field(ge=1, le=MAX_ALPHAS)
-
-
-def _alphas_form(value: Any) -> str:
-    """A mapping is a range, anything else must be a list: errors then speak of the form that was meant."""
-    return "range" if isinstance(value, (dict, AlphaRange)) else "list"
-
-
-#: A list of finite alphas, or {start, stop, num}.
-Alphas = Annotated[
-    Union[Annotated[AlphaRange, Tag("range")], Annotated[List[Float], Tag("list")]],
-    Discriminator(_alphas_form),
-]
+from ..settings import Int, Section, Text
+from ._path import (MAX_ALPHAS, AlphaRange, Alphas, PathRows, alpha_values, in_module_order, load_endpoints,
+                    path_coefficients, with_endpoints)
+from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
 
 
 class Config(Section):
@@ -83,68 +63,6 @@ class Config(Section):
         return v
 
 
-def alpha_values(alphas: Union[AlphaRange, List[float]]) -> np.ndarray:
-    if isinstance(alphas, AlphaRange):
-        return np.linspace(alphas.start, alphas.stop, alphas.num, dtype=np.float64)
-    return np.asarray(alphas, dtype=np.float64)
-
-
-def path_coefficients(alphas: np.ndarray, segments: int) -> np.ndarray:
-    """[K, segments] coefficients of the directions E_{j+1} − E_j for each alpha."""
-    j = np.clip(np.floor(alphas), 0, segments - 1).astype(np.int64)
-    t = alphas - j
-    coeffs = (np.arange(segments)[None, :] < j[:, None]).astype(np.float64)
-    coeffs[np.arange(len(alphas)), j] = t
-    return coeffs
-
-
-def load_endpoints(paths: List[str], field: str = "study.endpoints") -> List[Dict[str, torch.Tensor]]:
-    endpoints = []
-    for i, path in enumerate(paths):
-        endpoints.append(read_weights(path, f"{field}[{i}]"))
-    first = set(endpoints[0])
-    for i, e in enumerate(endpoints[1:], 1):
-        if set(e) != first:
-            diff = sorted(first.symmetric_difference(e))
-            raise ConfigError(f"{field}[{i}]: its keys differ from endpoint 0's: {diff[:5]}")
-        for key in first:
-            if e[key].shape != endpoints[0][key].shape:
-                raise ConfigError(
-                    f"{field}[{i}]: key '{key}' has shape {tuple(e[key].shape)}, endpoint 0 has {tuple(endpoints[0][key].shape)}")
-    return endpoints
-
-
-class PathRows:
-    """Keeps (path, alpha, metrics) of ok rows as they land, for the barrier at the end."""
-
-    def __init__(self) -> None:
-        self.parts: List[pa.Table] = []
-
-    def add(self, table: pa.Table, columns: List[str]) -> None:
-        present = [c for c in columns if c in table.column_names]
-        self.parts.append(table.select(["status"] + present))
-
-    def barriers(self, metrics: List[str], objective: Optional[str], mode: str, segments: int,
-                 path: Optional[str] = None, prefix: str = "") -> Dict[str, float]:
-        if not self.parts:
-            return {}
-        table = pa.concat_tables(self.parts, promote_options="default")
-        keep = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
-        if path is not None:
-            keep &= np.asarray(table.column("path").to_numpy(zero_copy_only=False) == path)
-        alpha = table.column("alpha").to_numpy(zero_copy_only=False).astype(np.float64)[keep]
-        out: Dict[str, float] = {}
-        for name in metrics:
-            if name not in table.column_names:
-                continue
-            values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)[keep]
-            found = barrier(alpha, values, segments, metric_mode(name, objective, mode))
-            if found is not None:
-                out[f"{prefix}barrier_{name}"] = found.height
-                out[f"{prefix}barrier_{name}_alpha"] = found.alpha
-        return out
-
-
 def path_rows(method: str, alphas: np.ndarray, segments: int, extra: Dict[str, np.ndarray]) -> Rows:
     """The rows for `alphas` along a path of `segments` segments, straight or spherical."""
     if method == "slerp":
@@ -162,28 +80,10 @@ def path_anchors(method: str, endpoints: List[Dict[str, torch.Tensor]]) -> Ancho
     return anchor_set(base, [{k: b[k] - a[k] for k in floating} for a, b in zip(endpoints, endpoints[1:])])
 
 
-def with_endpoints(alphas: np.ndarray, segments: int) -> np.ndarray:
-    """`alphas` followed by each endpoint's alpha (0 … segments) that they miss."""
-    missing = [float(j) for j in range(segments + 1) if not np.isclose(alphas, j, rtol=0.0, atol=1e-9).any()]
-    return np.concatenate([alphas, np.asarray(missing, np.float64)]) if missing else alphas
-
-
-def in_module_order(state: Dict[str, torch.Tensor], context: Optional[StudyContext]) -> Dict[str, torch.Tensor]:
-    """`state` with its keys in the module's own order (forward order for a plain model).
-
-    Weight matching reads the layers in that order; safetensors files store
-    keys sorted by name, which puts `bn1` before `conv1`.
-    """
-    if context is None:
-        return state
-    order = [k for k in context.module().state_dict() if k in state]
-    return {k: state[k] for k in order + [k for k in state if k not in set(order)]}
-
-
 def aligned_chain(endpoints: List[Dict[str, torch.Tensor]], seed: int, context: Optional[StudyContext],
                   names: List[str]) -> List[Dict[str, torch.Tensor]]:
     """Each endpoint permuted to match the (already aligned) one before it; saved under `<run>/aligned/`."""
-    from ..align import AlignError, align
+    from ..align import AlignError, align  # loads scipy: only when a study aligns
 
     artifacts = context.artifacts if context is not None else None
     endpoints = [in_module_order(e, context) for e in endpoints]
@@ -235,3 +135,53 @@ class Interpolate(StudyBase):
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Interpolate:
     return Interpolate(config, context)
+
+
+def example(bench: Any) -> Dict[str, Any]:
+    """The straight path between two of the bench's checkpoints at 5 alphas."""
+    return {"kind": "interpolate", "endpoints": [bench.checkpoint(0), bench.checkpoint(1)],
+            "alphas": {"start": 0.0, "stop": 1.0, "num": 5}}
+
+
+# --------------------------------------------------------------------------- figures
+
+#: The report figures this study may write.
+FIGURES = ("interpolate.png",)
+
+
+def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
+    """interpolate.png: each metric along the path through the endpoints, with its barrier (also a Summary line)."""
+    segments = _path_segments(run.study)
+    alpha = run.floats("alpha")
+    fig, axes = figure(len(run.metrics))
+    for ax, metric in zip(axes, run.metrics):
+        values = run.floats(metric)
+        mode = run.mode_of(metric)
+        bar = path_barrier(alpha, values, segments, mode)
+        shade_extrapolation(ax, alpha, segments)
+        draw_path(ax, alpha, values, segments, bar, color="C0", label=f"{label(metric)} along the path",
+                  ends=[f"E{j}" for j in range(segments + 1)])
+        ax.set_title(metric_title(run, metric), fontsize=10)
+        ax.set_xlabel(alpha_label(segments))
+        ax.set_ylabel(label(metric))
+        ax.grid(alpha=0.3)
+        path_legend(ax, alpha, segments)
+        notes.append(barrier_line(metric, mode, bar, run.objective))
+    fig.suptitle(f"{label(run.name)}: metrics along the interpolation path", fontsize=11)
+    path = folder / "interpolate.png"
+    save(fig, path)
+    ends = getattr(run.study, "endpoints", None) or []
+    names = ", ".join(f"E{j} = {Path(str(e)).name}" for j, e in enumerate(ends))
+    caption = (f"Each metric along the straight path through the endpoints ({names or 'endpoints at integer α'}): "
+               f"dots mark the endpoints, dashed parts are extrapolated, the dotted line is the chord between "
+               f"endpoints and the arrow marks the barrier (largest worsening over the chord).")
+    return [Figure(path, caption)]
+
+
+def _path_segments(study: Any) -> int:
+    """Segments of the configured path: one fewer than its endpoints (1 when the config names none)."""
+    endpoints = getattr(study, "endpoints", None)
+    try:
+        return max(1, len(endpoints) - 1)
+    except TypeError:
+        return 1

@@ -18,7 +18,8 @@ statistics move too).
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Literal, Optional, Union
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -26,11 +27,13 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..files import resolve_file, resolve_files
-from ..settings import Int, Section, Text
+from ..plotting import (LOG_LEVELS_DECADES, Figure, RunView, best_index, figure, fmt, label, metric_title, pivot,
+                        save)
 from ..errors import ConfigError
 from ..recipes import AffineRows, anchor_set
+from ..settings import Int, Section, Text
+from ._path import AlphaRange, alpha_values
 from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, difference, read_weights
-from .interpolate import AlphaRange, alpha_values
 
 #: Largest grid one landscape may ask for.
 MAX_POINTS = 100_000_000
@@ -156,3 +159,134 @@ class Landscape(StudyBase):
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Landscape:
     return Landscape(config, context)
+
+
+def example(bench: Any) -> Dict[str, Any]:
+    """A 3 × 3 plane of random directions around one of the bench's checkpoints."""
+    return {"kind": "landscape", "center": bench.checkpoint(0), "x": {"start": -1.0, "stop": 1.0, "num": 3},
+            "y": {"start": -1.0, "stop": 1.0, "num": 3}, "seed": 0}
+
+
+# --------------------------------------------------------------------------- figures
+
+#: The report figures this study may write.
+FIGURES = ("landscape.png",)
+#: Contour levels of a 2-D landscape.
+CONTOUR_LEVELS = 16
+
+
+def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
+    """landscape.png: each metric over the plane (contours) or along the line, with the models and the best
+    point marked; the best point and the value at each mark are Summary lines."""
+    x = run.floats("x")
+    y = run.floats("y")
+    two_d = "y" in run.ok.column_names and bool(np.isfinite(y).any())
+    xlabel, ylabel = _landscape_axes(run)
+    marks = _landscape_marks(run, two_d)
+    objective_values = run.floats(run.objective)
+    best = best_index(objective_values, run.mode)
+    if best is not None:
+        at = f"x = {fmt(x[best])}" + (f", y = {fmt(y[best])}" if two_d else "")
+        notes.append(f"best {run.objective}: {fmt(objective_values[best])} at {at}")
+    for mx, my, name in marks:
+        on = np.isclose(x, mx) & (np.isclose(y, my) if two_d else True)
+        if on.any() and np.isfinite(objective_values[on]).any():
+            notes.append(f"{run.objective} at {name}: {fmt(np.nanmean(objective_values[on]))}")
+    if two_d:
+        return [_landscape_2d(run, folder, x, y, marks, xlabel, ylabel)]
+    fig, axes = figure(len(run.metrics))
+    for ax, metric in zip(axes, run.metrics):
+        values = run.floats(metric)
+        xs, _, grid = pivot(x, np.zeros_like(x), values)
+        ax.plot(xs, grid[0] if grid.size else [], "-o", ms=3, color="C0", label=label(metric))
+        lo, hi = (xs.min(), xs.max()) if len(xs) else (0.0, 0.0)
+        shown = [(mx, name) for mx, _, name in marks if lo <= mx <= hi]
+        for mx, _ in shown:
+            ax.axvline(mx, color="0.4", ls=":", lw=1)
+        if shown:  # named on a top axis, where no curve runs over them
+            top = ax.secondary_xaxis("top")
+            top.set_ticks([mx for mx, _ in shown], labels=[name for _, name in shown], fontsize=8)
+        best_i = best_index(grid[0], run.mode_of(metric)) if grid.size else None
+        if best_i is not None:
+            ax.plot(xs[best_i], grid[0][best_i], "*", ms=12, color="C3", mec="black", label="best", zorder=4)
+        ax.set_title(metric_title(run, metric), fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label(metric))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{label(run.name)}: the loss landscape along one direction", fontsize=11)
+    path = folder / "landscape.png"
+    save(fig, path)
+    return [Figure(path, f"Each metric along the 1-D slice (x); dotted lines (named above the panel) mark "
+                         f"{', '.join(m[2] for m in marks)}; the star is the best point.")]
+
+
+def _landscape_marks(run: RunView, two_d: bool) -> List[Tuple[float, float, str]]:
+    """The named points of the plane: the models its directions point to, or the centre of random directions."""
+    directions = getattr(run.study, "directions", None)
+    if isinstance(directions, (list, tuple)):
+        marks = [(0.0, 0.0, "model 0"), (1.0, 0.0, "model 1")]
+        return marks + [(0.0, 1.0, "model 2")] if two_d else marks
+    return [(0.0, 0.0, "centre")]
+
+
+def _landscape_axes(run: RunView) -> Tuple[str, str]:
+    if isinstance(getattr(run.study, "directions", None), (list, tuple)):
+        return "x (model 0 → model 1)", "y (model 0 → model 2)"
+    return "x (first direction)", "y (second direction)"
+
+
+def _landscape_2d(run: RunView, folder: Path, x: np.ndarray, y: np.ndarray, marks: List[Tuple[float, float, str]],
+                  xlabel: str, ylabel: str) -> Figure:
+    from matplotlib import patheffects
+    from matplotlib.colors import LogNorm
+
+    outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+    fig, axes = figure(len(run.metrics), width=5.6, height=4.6)
+    log_metrics = []
+    for ax, metric in zip(axes, run.metrics):
+        values = run.floats(metric)
+        xs, ys, grid = pivot(x, y, values)
+        finite = grid[np.isfinite(grid)]
+        mode = run.mode_of(metric)
+        if len(xs) < 2 or len(ys) < 2 or finite.size < 4:
+            keep = np.isfinite(values) & np.isfinite(x) & np.isfinite(y)
+            drawn = ax.scatter(x[keep], y[keep], c=values[keep], cmap="viridis", s=25)
+            fig.colorbar(drawn, ax=ax, label=label(metric))
+        else:
+            lo, hi = float(finite.min()), float(finite.max())
+            log = mode == "min" and lo > 0 and hi / lo > 10 ** LOG_LEVELS_DECADES
+            if hi <= lo:
+                hi = lo + (abs(lo) or 1.0) * 1e-6
+            if log:
+                levels, norm = np.geomspace(lo, hi, CONTOUR_LEVELS), LogNorm(lo, hi)
+                log_metrics.append(metric)
+            else:
+                levels, norm = np.linspace(lo, hi, CONTOUR_LEVELS), None
+            masked = np.ma.masked_invalid(grid)
+            filled = ax.contourf(xs, ys, masked, levels=levels, norm=norm, cmap="viridis")
+            lines = ax.contour(xs, ys, masked, levels=levels[::3], colors="white", linewidths=0.6, norm=norm)
+            ax.clabel(lines, fmt=lambda v: f"{v:.3g}", fontsize=7, colors="white")
+            fig.colorbar(filled, ax=ax, label=label(metric) + (" (log scale)" if log else ""),
+                         format="%.3g")
+            best = best_index(grid.ravel(), mode)
+            if best is not None:
+                j, i = divmod(best, len(xs))
+                ax.plot(xs[i], ys[j], "*", ms=14, color="C3", mec="white", zorder=5)
+                ax.annotate("best", (xs[i], ys[j]), xytext=(6, -12), textcoords="offset points", fontsize=8,
+                            color="white", path_effects=outline, zorder=5)
+        x_lo, x_hi, y_lo, y_hi = np.nanmin(x), np.nanmax(x), np.nanmin(y), np.nanmax(y)
+        for mx, my, name in marks:
+            if x_lo <= mx <= x_hi and y_lo <= my <= y_hi:
+                ax.plot(mx, my, "o", ms=7, mfc="white", mec="black", zorder=5)
+                ax.annotate(name, (mx, my), xytext=(6, 5), textcoords="offset points", fontsize=8, color="white",
+                            path_effects=outline, zorder=5)
+        ax.set_title(metric_title(run, metric), fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    fig.suptitle(f"{label(run.name)}: the landscape over the plane", fontsize=11)
+    path = folder / "landscape.png"
+    save(fig, path)
+    scale = f"; log-scale levels for {', '.join(log_metrics)}" if log_metrics else ""
+    return Figure(path, f"Contours of each metric over the (x, y) plane (mean per grid point), with "
+                        f"{', '.join(m[2] for m in marks)} and the best point marked{scale}.")

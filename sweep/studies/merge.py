@@ -20,27 +20,30 @@ It ranks the models by their own rows: when a model's row is not ok (or its
 objective is not finite) the soup stops there, its planned ids become invalid
 rows that say why, and the summary's `greedy_soup_stopped` names the model.
 Rows of task arithmetic and the soups travel as one Affine recipe over the
-task vectors; TIES and DARE as Merge rows over the same anchors.
+task vectors; TIES and DARE as MergeRows over the same anchors.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..files import resolve_file, resolve_files
-from ..settings import Float, Int, Section, Text
+from ..plotting import (Figure, RunView, best_index, better, column_floats, draw_each, figure, fmt, histogram,
+                        label, pivot, save, status_mask, thin_ticks)
 from ..errors import ConfigError
 from ..recipes import AffineRows, MergeRows, Rows, anchor_set
+from ..settings import Float, Int, Section, Text
 from ..types import OK, Invalid
+from ._path import AlphaRange, alpha_values
 from .base import WAIT, CandidateBatch, RecipeBatch, StudyBase, StudyContext, Wait, difference, read_weights
-from .interpolate import AlphaRange, alpha_values
 
 METHODS = ("task_arithmetic", "ties", "dare", "dare_ties", "uniform_soup", "greedy_soup")
 #: Methods whose rows vary the density.
@@ -129,7 +132,7 @@ class Plan:
     densities: np.ndarray  # [k] (NaN where unused)
 
 
-class Merge(StudyBase):
+class MergeStudy(StudyBase):
     default_batch_size = 256
 
     def __init__(self, config: Config, context: Optional[StudyContext] = None):
@@ -349,5 +352,256 @@ def nulls(k: int) -> np.ndarray:
     return np.full(k, None, dtype=object)
 
 
-def plan(config: Config, context: Optional[StudyContext] = None) -> Merge:
-    return Merge(config, context)
+def plan(config: Config, context: Optional[StudyContext] = None) -> MergeStudy:
+    return MergeStudy(config, context)
+
+
+def example(bench: Any) -> Dict[str, Any]:
+    """Two of the bench's checkpoints merged into a third: task arithmetic, TIES and the greedy soup (a WAIT
+    round: its step waits for the models' own rows)."""
+    return {"kind": "merge", "base": bench.checkpoint(0), "models": [bench.checkpoint(1), bench.checkpoint(2)],
+            "methods": ["task_arithmetic", "ties", "greedy_soup"], "lambdas": [0.5, 1.0], "densities": [0.5]}
+
+
+# --------------------------------------------------------------------------- figures
+
+#: The report figures this study may write (and the objective's histogram).
+FIGURES = ("merge.png", "merge-summary.png", "objective.png")
+#: Per-model coefficients of a random search over them: columns lambda_0 … lambda_{N-1}.
+PER_MODEL_LAMBDA = re.compile(r"lambda_([0-9]+)")
+#: Merge methods drawn as heat maps over lambda × density.
+GRID_METHODS = ("ties", "dare", "dare_ties")
+#: Heat map cells are annotated with their values up to this many rows and columns.
+MAX_ANNOTATED_GRID = 12
+
+
+def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
+    """merge.png (the objective over each method's coefficients), merge-summary.png (base, models, soups and
+    each method's best) and the objective's histogram; each method's best row is a Summary line."""
+    return draw_each(run, folder, notes, {"merge": _merge_figures, "histogram": histogram})
+
+
+def merge_grid(table: pa.Table, method: str, objective: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lambdas, densities, values) of one merge method: values[j, i] is the mean objective at
+    (lambdas[i], densities[j]) over the ok rows with a finite objective (several seeds share a cell);
+    NaN where no such row. Rows with per-model coefficients (lambda_0 …) are not on the grid."""
+    methods = np.array(table.column("method").to_pylist() if "method" in table.column_names
+                       else [None] * table.num_rows, dtype=object)
+    keep = status_mask(table) & (methods == method) & ~_per_model_rows(table)
+    rows = table.filter(pa.array(keep))
+    return pivot(column_floats(rows, "lambda"), column_floats(rows, "density"), column_floats(rows, objective))
+
+
+def _per_model_columns(table: pa.Table) -> List[str]:
+    found = [(int(m.group(1)), name) for name in table.column_names if (m := PER_MODEL_LAMBDA.fullmatch(name))]
+    return [name for _, name in sorted(found)]
+
+
+def _per_model_rows(table: pa.Table) -> np.ndarray:
+    """Rows whose per-model coefficients are set (a random search over lambda_0 … lambda_{N−1})."""
+    columns = _per_model_columns(table)
+    if not columns:
+        return np.zeros(table.num_rows, dtype=bool)
+    return np.isfinite(column_floats(table, columns[0]))
+
+
+def _merge_rows(run: RunView) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(methods, objective values, candidate ids) of the ok rows."""
+    return run.texts("method"), run.floats(run.objective), run.floats("candidate_id")
+
+
+def _merge_params(run: RunView, i: int) -> str:
+    parts = []
+    for name in ("lambda", "density", "seed"):
+        value = run.floats(name)[i]
+        if np.isfinite(value):
+            parts.append(f"{'λ' if name == 'lambda' else name} = {fmt(value if name != 'seed' else int(value))}")
+    for name in _per_model_columns(run.ok):
+        value = run.floats(name)[i]
+        if np.isfinite(value):
+            parts.append(f"λ{name[len('lambda_'):]} = {fmt(value)}")
+    soup = run.texts("soup")[i]
+    if soup is not None:
+        parts.append(f"{'models' if '+' in soup else 'model'} {soup}")
+    return ", ".join(parts)
+
+
+def _merge_summary(run: RunView) -> List[Tuple[str, float, int, str]]:
+    """(label, objective, candidate_id, parameters) for the bars: base, each model, the uniform soup,
+    the final greedy soup (the greedy_soup row with the largest candidate_id) and each other method's best row."""
+    methods, values, ids = _merge_rows(run)
+    soups = run.texts("soup")
+    entries: List[Tuple[str, float, int, str]] = []
+
+    def add(text: str, i: int) -> None:
+        entries.append((text, float(values[i]), int(ids[i]), _merge_params(run, i)))
+
+    def best_of(method: str) -> Optional[int]:
+        on = np.flatnonzero((methods == method) & np.isfinite(values))
+        if not len(on):
+            return None
+        return int(on[best_index(values[on], run.mode)])
+
+    if (i := best_of("base")) is not None:
+        add("base", i)
+    model_rows = np.flatnonzero((methods == "model") & np.isfinite(values))
+    for n, i in enumerate(model_rows[np.argsort(ids[model_rows], kind="stable")]):
+        add(f"model {soups[i] if soups[i] is not None else n}", int(i))
+    if (i := best_of("uniform_soup")) is not None:
+        add("uniform soup", i)
+    greedy = np.flatnonzero(methods == "greedy_soup")
+    if len(greedy):
+        last = int(greedy[np.argmax(ids[greedy])])
+        if np.isfinite(values[last]):
+            add("greedy soup (final)" if soups[last] is None else f"greedy soup (final: {soups[last]})", last)
+    named = {"base", "model", "uniform_soup", "greedy_soup", "greedy_step"}  # greedy_step: the soup's trial rounds
+    for method in sorted({m for m in methods if m is not None and m not in named}):
+        if (i := best_of(method)) is not None:
+            add(f"best {method}", i)
+    return entries
+
+
+def _merge_figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
+    methods, values, ids = _merge_rows(run)
+    for method in dict.fromkeys(m for m in methods if m is not None):
+        on = np.flatnonzero((methods == method) & np.isfinite(values))
+        if len(on):
+            i = int(on[best_index(values[on], run.mode)])
+            params = _merge_params(run, i)
+            notes.append(f"best {method}: {run.objective} = {fmt(values[i])} (candidate {int(ids[i])}"
+                         f"{'; ' + params if params else ''})")
+    greedy = np.flatnonzero(methods == "greedy_soup")
+    if len(greedy):
+        last = int(greedy[np.argmax(ids[greedy])])
+        notes.append(f"final greedy soup: models {run.texts('soup')[last] or '?'}, "
+                     f"{run.objective} = {fmt(values[last])} (candidate {int(ids[last])})")
+    drawn = []
+    panels = _merge_panels(run)
+    if panels:
+        fig, axes = figure(len(panels), width=5.6, height=4.6)
+        for ax, draw in zip(axes, panels):
+            draw(fig, ax)
+        fig.suptitle(f"{label(run.name)}: {label(run.objective)} over the merge coefficients "
+                     f"({better(run.mode)})", fontsize=11)
+        path = folder / "merge.png"
+        save(fig, path)
+        drawn.append(Figure(path, f"{run.objective} over each merge method's coefficients: heat maps over λ × "
+                                  f"density (mean over seeds, best cell outlined), lines over λ, and per-model "
+                                  f"coefficients of the random search coloured by {run.objective}."))
+    entries = _merge_summary(run)
+    if entries:
+        drawn.append(_merge_bars(run, folder, entries))
+    return drawn
+
+
+def _merge_panels(run: RunView) -> List[Callable[[Any, Any], None]]:
+    methods, values, _ = _merge_rows(run)
+    per_model = _per_model_rows(run.ok)
+    lambdas = run.floats("lambda")
+    panels: List[Callable[[Any, Any], None]] = []
+    for method in GRID_METHODS:
+        on = (methods == method) & ~per_model
+        if (on & np.isfinite(lambdas) & np.isfinite(run.floats("density")) & np.isfinite(values)).any():
+            panels.append(lambda fig, ax, method=method: _heat_map(run, fig, ax, method))
+    on = (methods == "task_arithmetic") & ~per_model & np.isfinite(lambdas) & np.isfinite(values)
+    if on.any():
+        panels.append(lambda fig, ax, on=on: _lambda_line(run, ax, on))
+    columns = _per_model_columns(run.ok)
+    if len(columns) >= 2:
+        both = per_model & np.isfinite(run.floats(columns[1])) & np.isfinite(values)
+        for method in dict.fromkeys(m for m in methods[both] if m is not None):
+            panels.append(lambda fig, ax, on=both & (methods == method), method=method:
+                          _per_model_scatter(run, fig, ax, on, method, columns))
+    return panels
+
+
+def _heat_map(run: RunView, fig: Any, ax: Any, method: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    lambdas, densities, grid = merge_grid(run.ok, method, run.objective)
+    masked = np.ma.masked_invalid(grid)
+    image = ax.imshow(masked, origin="lower", aspect="auto", cmap="viridis" if run.mode == "max" else "viridis_r")
+    fig.colorbar(image, ax=ax, label=f"{label(run.objective)} ({better(run.mode)}; brighter is better)")
+    ax.set_xticks(range(len(lambdas)), [fmt(v) for v in lambdas], fontsize=7,
+                  rotation=45 if len(lambdas) > 6 else 0)
+    ax.set_yticks(range(len(densities)), [fmt(v) for v in densities], fontsize=7)
+    thin_ticks(ax)
+    if len(lambdas) <= MAX_ANNOTATED_GRID and len(densities) <= MAX_ANNOTATED_GRID:
+        lo, hi = (float(masked.min()), float(masked.max())) if masked.count() else (0.0, 1.0)
+        for j in range(len(densities)):
+            for i in range(len(lambdas)):
+                if not np.isfinite(grid[j, i]):
+                    ax.text(i, j, "no rows", ha="center", va="center", fontsize=7, color="0.5")
+                    continue
+                t = (grid[j, i] - lo) / (hi - lo) if hi > lo else 0.5
+                bright = t > 0.5 if run.mode == "max" else t < 0.5
+                ax.text(i, j, f"{grid[j, i]:.3g}", ha="center", va="center", fontsize=7,
+                        color="black" if bright else "white")
+    best = best_index(grid.ravel(), run.mode)
+    title = f"{method}: mean {label(run.objective)} over seeds"
+    if best is not None:
+        j, i = divmod(best, len(lambdas))
+        ax.add_patch(Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5, zorder=5))
+        title += f"\nbest {fmt(grid[j, i])} at λ = {fmt(lambdas[i])}, density = {fmt(densities[j])}"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("λ (scale of the merged task vectors)")
+    ax.set_ylabel("density (fraction of each task vector kept)")
+
+
+def _lambda_line(run: RunView, ax: Any, on: np.ndarray) -> None:
+    lambdas = run.floats("lambda")[on]
+    values = run.floats(run.objective)[on]
+    xs, _, grid = pivot(lambdas, np.zeros_like(lambdas), values)
+    ax.plot(xs, grid[0], "-o", ms=4, color="C0", label="task_arithmetic (mean per λ)")
+    best = best_index(grid[0], run.mode)
+    if best is not None:
+        ax.plot(xs[best], grid[0][best], "*", ms=14, color="C3", mec="black", zorder=4,
+                label=f"best {fmt(grid[0][best])} at λ = {fmt(xs[best])}")
+    ax.set_title(f"task_arithmetic: {label(run.objective)} vs λ ({better(run.mode)})", fontsize=10)
+    ax.set_xlabel("λ (scale of the summed task vectors)")
+    ax.set_ylabel(label(run.objective))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _per_model_scatter(run: RunView, fig: Any, ax: Any, on: np.ndarray, method: str, columns: List[str]) -> None:
+    l0, l1 = run.floats(columns[0])[on], run.floats(columns[1])[on]
+    values = run.floats(run.objective)[on]
+    dots = ax.scatter(l0, l1, c=values, s=22, cmap="viridis" if run.mode == "max" else "viridis_r",
+                      edgecolors="none")
+    fig.colorbar(dots, ax=ax, label=f"{label(run.objective)} ({better(run.mode)}; brighter is better)")
+    best = best_index(values, run.mode)
+    if best is not None:
+        ax.plot(l0[best], l1[best], "*", ms=15, color="C3", mec="black", zorder=4,
+                label=f"best {fmt(values[best])}")
+        ax.legend(fontsize=7)
+    hidden = [f"λ{name[len('lambda_'):]}" for name in columns[2:]]
+    more = "" if not hidden else f" ({hidden[0] if len(hidden) == 1 else hidden[0] + ' … ' + hidden[-1]} not shown)"
+    ax.set_title(f"{method}: per-model coefficients{more}", fontsize=10)
+    ax.set_xlabel("λ0 (coefficient of model 0)")
+    ax.set_ylabel("λ1 (coefficient of model 1)")
+    ax.grid(alpha=0.3)
+
+
+def _merge_bars(run: RunView, folder: Path, entries: List[Tuple[str, float, int, str]]) -> Figure:
+    fig, (ax,) = figure(1, width=7.5, height=max(2.5, 0.42 * len(entries) + 1.3))
+    labels = [label(e[0]) for e in entries]
+    values = np.array([e[1] for e in entries])
+    best = best_index(values, run.mode)
+    colors = ["C3" if k == best else ("0.55" if e[0] in ("base",) or e[0].startswith("model") else "C0")
+              for k, e in enumerate(entries)]
+    rows = np.arange(len(entries))
+    ax.barh(rows, values, color=colors)
+    ax.set_yticks(rows, labels, fontsize=8)
+    ax.invert_yaxis()
+    span = float(np.nanmax(np.abs(values))) if len(values) else 1.0
+    for k, v in enumerate(values):
+        ax.text(v + 0.01 * span, k, fmt(v), va="center", fontsize=8)
+    ax.set_xlim(right=float(np.nanmax(values)) + 0.15 * span if np.nanmax(values) > 0 else None)
+    ax.set_xlabel(f"{label(run.objective)} ({better(run.mode)})")
+    ax.set_title(f"{label(run.name)}: base, models, soups and each method's best (best in red)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    path = folder / "merge-summary.png"
+    save(fig, path)
+    return Figure(path, f"{run.objective} of the base, each model, the uniform soup, the final greedy soup and the "
+                        f"best row of each merge method; the overall best bar is red.")

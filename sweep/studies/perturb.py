@@ -7,15 +7,15 @@ candidates on any run. Batches carry only seeds.
 
 from __future__ import annotations
 
-from typing import Iterator, Literal, Optional
+from typing import Any, Dict, Iterator, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..files import resolve_file
-from ..settings import Float, Int, Section, Text
 from ..recipes import NoiseRows, anchor_set
+from ..settings import Float, Int, Section, Text
 from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, read_weights
 
 #: Largest `count` one sweep may ask for.
@@ -67,3 +67,8 @@ class Perturb(StudyBase):
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Perturb:
     return Perturb(config)
+
+
+def example(bench: Any) -> Dict[str, Any]:
+    """Six small perturbations of one of the bench's checkpoints."""
+    return {"kind": "perturb", "base": bench.checkpoint(0), "sigma": 0.01, "count": 6, "seed": 0}

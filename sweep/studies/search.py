@@ -11,14 +11,15 @@ member per generation, as in `pbt`.
 from __future__ import annotations
 
 import itertools
-from typing import Literal, Optional
+from typing import Any, Dict, Literal, Optional
 
 import numpy as np
 from pydantic import Field
 
 from ..errors import ConfigError
+from ._population_figures import PopulationFigures
+from ._training import MAX_POPULATION, Training, TrainingConfig, example_section, searched
 from .base import StudyContext
-from .pbt import MAX_POPULATION, Distribution, Training, TrainingConfig
 
 
 class Config(TrainingConfig):
@@ -30,7 +31,7 @@ class Config(TrainingConfig):
 
 class Search(Training):
     def __init__(self, config: Config, context: Optional[StudyContext] = None):
-        dims = {n: v.dimension(n) for n, v in config.hyperparameters.items() if isinstance(v, Distribution)}
+        dims = searched(config)
         if config.method == "grid":
             axes = [d.grid(config.hyperparameters[n].num) for n, d in dims.items()]
             size = int(np.prod([len(a) for a in axes])) if axes else 1
@@ -50,3 +51,19 @@ class Search(Training):
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Search:
     return Search(config, context)
+
+
+def example(bench: Any) -> Dict[str, Any]:
+    """A random search of 4 members over 2 generations on the bench's model."""
+    return example_section("search", bench, method="random")
+
+
+# --------------------------------------------------------------------------- figures
+
+#: The report draws a population whose members train side by side, never copying each other
+#: (see `_population_figures`).
+REPORT = PopulationFigures(exploits=False)
+#: The report figures this study may write.
+FIGURES = REPORT.names
+figures = REPORT.figures
+page = REPORT.page

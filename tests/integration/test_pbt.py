@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+import ray
 import torch
 
+from sweep.errors import SweepError
 from sweep.examples import digits
 from sweep.model import build_module, read_weights_file
+from sweep.population import PopulationPlan, Train
+from sweep.studies.base import WAIT, CandidateBatch
 from tests.conftest import digits_reference, repo_config, sweep_cli
 from workers.driver import run
+from workers.members import Members
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +135,56 @@ def test_cli_refuses_an_unknown_hyperparameter_before_ray_starts(repo, tmp_path)
     assert not (tmp_path / "runs").exists()
     record = tmp_path / "runs" / "pbt" / "run.json"
     assert not record.exists() or "findings" not in json.loads(record.read_text())
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    """Stands for a worker of a population: each member's state is a number, a round adds 1 to it
+    (after the exploits); a round of −1 steps kills the worker."""
+
+    def __init__(self, members):
+        self.state = {m: 10 * m for m in members}
+
+    def export(self, members):
+        return [self.state[m] for m in members]
+
+    def evaluate(self, batch, imports=None):
+        source = batch.source
+        if source.steps[0] < 0:
+            os._exit(1)
+        given = {donor: ray.get(ref)[i] for donor, (ref, i) in (imports or {}).items()}
+        for member, donor in zip(source.members, source.donors):
+            if donor is not None:
+                self.state[member] = self.state[donor] if donor in self.state else given[donor]
+        for member in source.members:
+            self.state[member] += 1
+        return pa.table({"candidate_id": pa.array(batch.ids, pa.int64()),
+                         "value": [self.state[m] for m in source.members]})
+
+
+def round_of(generation, donors, steps=1):
+    members = list(range(len(donors)))
+    return CandidateBatch([generation * len(members) + m for m in members], {"member": members},
+                          Train(members, list(donors), [None] * len(members), [steps] * len(members)))
+
+
+def test_members_executor_exports_a_donor_before_its_round_and_stops_when_a_worker_dies(ray_cluster):
+    plan = PopulationPlan(size=5, optimizer="sgd", loss="x:y", loader="x:y")
+    members = Members(Counter.remote, plan, 2)
+    try:
+        assert members.shards == [[0, 1], [2, 3, 4]]
+        # round 1: members 1 (same worker) and 4 (the other worker) take member 0; member 3 takes member 2
+        rounds = [round_of(0, [None] * 5), WAIT, round_of(1, [None, 0, None, 2, 0])]
+        out = {}
+        for part, table in members.map_unordered(rounds):
+            assert len(part) in (2, 3)
+            out.update(zip(table.column("candidate_id").to_pylist(), table.column("value").to_pylist()))
+        # each member's start + 1; then the donors' states after round 0 (not after round 1) + 1
+        assert out == {0: 1, 1: 11, 2: 21, 3: 31, 4: 41, 5: 2, 6: 2, 7: 22, 8: 22, 9: 2}
+        assert members.replacements == members.retries == 0
+        with pytest.raises(SweepError, match="a training worker died in generation 1 .*its members' weights were "
+                                             "only on it: run the study again"):
+            list(members.map_unordered([round_of(0, [None] * 5), WAIT, round_of(1, [None] * 5, steps=-1)]))
+    finally:
+        for actor in members.actors:
+            ray.kill(actor)

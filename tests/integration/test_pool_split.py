@@ -176,7 +176,7 @@ def test_sigkilled_driver_leaves_no_ray_processes(repo, tmp_path):
 
     try:
         deadline = time.monotonic() + 180
-        while not any(name.startswith("ray::EvalWorker") for name in of_the_run().values()):
+        while not any(name.startswith("ray::SweepWorker") for name in of_the_run().values()):
             assert proc.poll() is None, f"the sweep ended before its workers ran: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"no worker started in 180 s: {log.read_text()[-2000:]}"
             time.sleep(0.2)

@@ -85,4 +85,4 @@ def test_bench_prints_every_engine_variant(tmp_path):
     assert result["candidates"] == 1000 and result["loop"] > 0
     assert set(result["engine"]) == {"fp32", "bf16"}
     assert result["ratio"]["fp32"] == pytest.approx(result["engine"]["fp32"] / result["loop"])
-    assert result["mode"] in ("vmap", "loop")
+    assert result["strategy"] in ("vmap", "loop")

@@ -68,43 +68,43 @@ def measure(loop_seconds: float, vmap_seconds: Callable[[int], float], budget=PL
     clock = Clock()
     module = Timed(clock, loop_seconds, vmap_seconds)
     ev = Evaluator(module, data(), metrics)
-    return chunking._measure(ev, TRIAL_SIZES, clock=clock, budget=budget), module
+    return chunking._measure(ev.trial(), TRIAL_SIZES, clock=clock, budget=budget), module
 
 
 def test_vmap_wins_and_the_largest_chunk_within_10_percent_of_the_best_is_kept():
     # 512 is fastest; 2048 is within 10% of it (fewer calls); 8192 is not, and its trial ends the search.
     rates = {8: 1_000, 32: 4_000, 128: 10_000, 512: 12_000, 2048: 11_000, 8192: 5_000}
     assert 8192 / rates[8192] > MAX_TRIAL_SECONDS
-    (chunk, mode, reason), module = measure(0.01, at_rates(rates))
-    assert (chunk, mode) == (2048, "vmap")
+    (chunk, strategy, reason), module = measure(0.01, at_rates(rates))
+    assert (chunk, strategy) == (2048, "vmap")
     assert reason == "vmap chunks of 2048 measured fastest (11,000/s; loop 100/s)"
     assert set(module.chunks) == set(TRIAL_SIZES)
 
 
 def test_the_loop_wins_when_it_measures_faster():
-    (chunk, mode, reason), _ = measure(0.001, at_rates(dict.fromkeys(TRIAL_SIZES, 500)))
-    assert (chunk, mode) == (FALLBACK_CHUNK, "loop")  # tiny weights: the loop's chunk is capped by FALLBACK_CHUNK
+    (chunk, strategy, reason), _ = measure(0.001, at_rates(dict.fromkeys(TRIAL_SIZES, 500)))
+    assert (chunk, strategy) == (FALLBACK_CHUNK, "loop")  # tiny weights: the loop's chunk is capped by FALLBACK_CHUNK
     assert reason == "the per-candidate loop measured faster (1,000/s against 500/s with vmap)"
 
 
 def test_the_memory_bound_caps_the_trials_and_the_chunk():
     rates = {8: 1_000, 32: 4_000, 128: 10_000, 512: 12_000, 2048: 11_000, 8192: 5_000}
-    (chunk, mode, _), module = measure(0.01, at_rates(rates), budget=lambda device: 40 * PER_CANDIDATE)
-    assert (chunk, mode) == (32, "vmap")
+    (chunk, strategy, _), module = measure(0.01, at_rates(rates), budget=lambda device: 40 * PER_CANDIDATE)
+    assert (chunk, strategy) == (32, "vmap")
     assert max(module.chunks) == 32, "no chunk beyond the 40 candidates that fit was tried"
 
 
 def test_the_memory_bound_caps_the_loop_chunk():
-    (chunk, mode, _), module = measure(0.001, at_rates(dict.fromkeys(TRIAL_SIZES, 500)),
+    (chunk, strategy, _), module = measure(0.001, at_rates(dict.fromkeys(TRIAL_SIZES, 500)),
                                        budget=lambda device: 100 * PER_CANDIDATE)
-    assert (chunk, mode) == (100, "loop")
+    assert (chunk, strategy) == (100, "loop")
     assert max(module.chunks) == 32
 
 
 def test_a_bound_below_the_smallest_trial_is_the_chunk():
-    (chunk, mode, reason), module = measure(0.01, at_rates(dict.fromkeys(TRIAL_SIZES, 1_000)),
+    (chunk, strategy, reason), module = measure(0.01, at_rates(dict.fromkeys(TRIAL_SIZES, 1_000)),
                                             budget=lambda device: 5 * PER_CANDIDATE)
-    assert (chunk, mode, reason) == (5, "vmap", "")
+    assert (chunk, strategy, reason) == (5, "vmap", "")
     assert module.chunks == [], "nothing was tried"
 
 
@@ -113,8 +113,8 @@ def test_a_bound_below_the_smallest_trial_is_the_chunk():
     (MAX_MEASURE_SECONDS * 0.24, [8, 32, 128, 512]),  # warm-up and four trials use up the measurement's time
 ])
 def test_slow_trials_end_the_search(seconds, tried):
-    (chunk, mode, _), module = measure(10.0, lambda k: seconds)
-    assert (chunk, mode) == (tried[-1], "vmap")  # same time per chunk: the largest tried is fastest
+    (chunk, strategy, _), module = measure(10.0, lambda k: seconds)
+    assert (chunk, strategy) == (tried[-1], "vmap")  # same time per chunk: the largest tried is fastest
     assert sorted(set(module.chunks)) == tried
 
 
@@ -129,7 +129,7 @@ def test_a_module_that_does_not_vmap_leaves_the_choice_to_the_first_chunk():
             return out if out.sum().item() > 0 else -out  # .item() does not vmap
 
     ev = Evaluator(Branchy(), data(), metrics)
-    assert chunking._measure(ev, TRIAL_SIZES, clock=Clock(), budget=PLENTY) == (FALLBACK_CHUNK, None, "")
+    assert chunking._measure(ev.trial(), TRIAL_SIZES, clock=Clock(), budget=PLENTY) == (FALLBACK_CHUNK, None, "")
 
 
 def test_timed_keeps_the_best_of_calls_that_add_up_to_the_trial_time():
@@ -161,9 +161,9 @@ def test_the_choice_is_measured_once_and_trials_stop_at_the_candidates_at_hand(m
     monkeypatch.setattr(chunking, "_CHOSEN", {})
     module = CountsCalls()
     ev = Evaluator(module, data(), metrics)
-    first = choose_chunk_size(ev, limit=7)
+    first = choose_chunk_size(ev.trial(), limit=7)
     assert set(module.chunks) == {8}, "7 candidates: the first trial size that covers them, and no larger"
     calls = module.calls
     again = Evaluator(module, data(), metrics)
-    assert choose_chunk_size(again, limit=7) == first
+    assert choose_chunk_size(again.trial(), limit=7) == first
     assert module.calls == calls, "the same module, data and metrics are not measured again"

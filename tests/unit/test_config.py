@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import Field
+from pydantic_core import PydanticCustomError
 
 import sweep
 from sweep import ConfigError
-from sweep.config import load_config
+from sweep.config import SweepConfig, dump_config, load_config, rebuild
+from sweep.settings import Int, Section
+from sweep.sinks import SINKS
 
 REPO = Path(sweep.__file__).resolve().parent.parent
 CHECKPOINTS = REPO / "sweep" / "examples" / "checkpoints"
@@ -105,6 +110,84 @@ def test_unknown_key_in_model(tmp_path):
     raw["model"]["factroy"] = "x:y"
     err = error_of(write(tmp_path, raw))
     assert "model.factroy" in err and "did you mean 'factory'" in err
+
+
+def test_unknown_sink_names_the_known_ones(tmp_path):
+    raw = base()
+    raw["sinks"]["parquett"] = {"enabled": True}
+    err = error_of(write(tmp_path, raw))
+    assert "sinks.parquett: unknown key (did you mean 'parquet'?)" in err
+    assert f"known keys: {', '.join(SINKS)}" in err
+
+
+# --------------------------------------------------------------------------- sinks registered at runtime
+
+
+def memory_sink() -> types.ModuleType:
+    """A sink module as a plugin writes one: its Config, and a check of the whole config."""
+
+    class Config(Section):
+        enabled: bool = True
+        capacity: Int = Field(10, ge=1)
+
+    def check(config) -> None:
+        count = config.workers.count
+        if isinstance(count, int) and config.sinks.memory.capacity < count:
+            raise PydanticCustomError("sweep_at", "{reason}", {"at": ("sinks", "memory", "capacity"), "reason": (
+                f"holds {config.sinks.memory.capacity} rows, fewer than workers.count {count}")})
+
+    module = types.ModuleType("memory")
+    module.Config, module.check = Config, check
+    return module
+
+
+@pytest.fixture
+def memory_registered(monkeypatch):
+    """The memory sink in SINKS, and the config rebuilt for it; both as they were afterwards."""
+    module = memory_sink()
+    with monkeypatch.context() as patch:
+        patch.setitem(SINKS, "memory", module)
+        rebuild()
+        try:
+            yield module
+        finally:
+            patch.undo()
+            rebuild()
+
+
+def test_a_sink_registered_at_runtime_gets_its_config_section(tmp_path, memory_registered):
+    path = write(tmp_path, base())
+    config = load_config(path, ["sinks.memory.capacity=3"])
+    assert isinstance(config, SweepConfig) and isinstance(config.sinks.memory, memory_registered.Config)
+    assert config.sinks.memory.capacity == 3 and config.sinks.parquet.rows_per_file == 100000
+    assert "memory:\n    enabled: true\n    capacity: 3\n" in dump_config(config)
+    assert load_config(path).sinks.memory == memory_registered.Config(), "left out: its defaults"
+    assert "sinks.memory.capacity: Input should be greater than or equal to 1 (got 0)" in \
+        error_of(path, ["sinks.memory.capacity=0"])
+    assert "sinks.memory.capacity: holds 1 rows, fewer than workers.count 2" in \
+        error_of(path, ["sinks.memory.capacity=1"])
+    assert load_config(path, ["sinks.memory.capacity=1", "sinks.memory.enabled=false"]).sinks.memory.capacity == 1
+    assert "known keys: parquet, mlflow, memory" in error_of(path, ["sinks.memroy.enabled=true"])
+
+
+def test_a_sink_removed_from_the_registry_leaves_the_config(tmp_path, memory_registered):
+    del SINKS["memory"]  # put back by the fixture
+    rebuild()
+    assert "sinks.memory: unknown key" in error_of(write(tmp_path, base()), ["sinks.memory.capacity=3"])
+
+
+def test_a_sink_registered_without_rebuilding_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(SINKS, "memory", memory_sink())
+    with pytest.raises(sweep.SweepError, match=r"sinks.memory section: call sweep.config.rebuild\(\)"):
+        load_config(write(tmp_path, base()))
+
+
+def test_the_config_is_as_imported_once_rebuilt_without_changes(tmp_path):
+    rebuild()
+    config = load_config(write(tmp_path, base()))
+    assert isinstance(config, SweepConfig)
+    assert list(type(config).model_fields) == list(SweepConfig.model_fields)
+    assert list(type(config.sinks).model_fields) == list(SINKS)
 
 
 # --------------------------------------------------------------------------- missing fields and files
@@ -286,9 +369,9 @@ def test_override_does_not_touch_the_file(tmp_path):
 
 def test_unknown_study_kind(tmp_path):
     raw = base()
-    raw["study"]["kind"] = "grid"
+    raw["study"]["kind"] = "sweepgrid"
     err = error_of(write(tmp_path, raw))
-    assert "study.kind" in err and "grid" in err
+    assert "study.kind" in err and "sweepgrid" in err
 
 
 def test_missing_study_kind(tmp_path):

@@ -29,8 +29,10 @@ from hypothesis import strategies as st
 
 import sweep
 from sweep import ConfigError
-from sweep.config import (MAX_INT64, MAX_ROWS_PER_FILE, MAX_SECONDS, MAX_WORKER_RESOURCE, MAX_WORKERS, SweepConfig,
-                          dump_config, flatten, load_config, mlflow_name_problem, parse_config, read_yaml)
+from sweep.config import SweepConfig, dump_config, flatten, load_config, parse_config
+from sweep.settings import MAX_INT64, MAX_ROWS_PER_FILE, MAX_SECONDS, MAX_WORKER_RESOURCE, MAX_WORKERS
+from sweep.sinks.mlflow import mlflow_name_problem
+from sweep.yaml_io import read_yaml
 from sweep.studies import plan
 from sweep.studies.interpolate import MAX_ALPHAS
 from sweep.studies.perturb import MAX_COUNT

@@ -10,7 +10,8 @@ import yaml
 
 import sweep
 from sweep import ConfigError
-from sweep.config import NOT_IN_DIGEST, dump_config, load_config, read_yaml
+from sweep.config import NOT_IN_DIGEST, dump_config, load_config
+from sweep.yaml_io import read_yaml
 
 REPO = Path(sweep.__file__).resolve().parent.parent
 PERTURB = REPO / "configs" / "perturb.yaml"

@@ -572,7 +572,7 @@ def test_metrics_may_return_constant_numbers_under_vmap(reference, close, chunk)
     assert sweep_warnings(record) == []
     assert ev.metrics_reason == ""
     if chunk is not None:  # (a measured chunk size may pick the loop for a module this small)
-        assert ev.mode == "vmap"
+        assert ev.strategy == "vmap"
         assert all(module.under_vmap)
     assert [r["status"] for r in rows] == ["ok"] * 5
     for got, exp in zip(rows, reference(module, cands, data, metrics)):
@@ -600,7 +600,7 @@ def test_metrics_returning_item_numbers_are_blamed_and_the_module_stays_under_vm
     assert "'one'" not in message, "a constant is not what fails"
     assert "return tensors from it" in message and "The module still runs under vmap" in message
     assert "does not evaluate under torch.vmap" not in message, "the module is not blamed"
-    assert ev.mode == "vmap" and ev.metrics_reason.startswith("RuntimeError: ")
+    assert ev.strategy == "vmap" and ev.metrics_reason.startswith("RuntimeError: ")
 
     module.under_vmap.clear()
     with warnings.catch_warnings(record=True) as again:

@@ -133,7 +133,7 @@ def test_mixed_valid_and_invalid_dicts_in_one_chunk_keep_order():
 
     ev = Evaluator(module, data, reg_metrics, chunk_size=16)  # all eight in one chunk
     table = ev.run(cands)
-    assert ev.mode == "vmap"
+    assert ev.strategy == "vmap"
     rows = table.to_pylist()
     assert table.column_names == ["candidate_id", "status", "error", "mse", "l1"]
     assert table.schema.field("mse").type == pa.float64()
@@ -175,7 +175,7 @@ def test_buffers_given_by_some_candidates_only():
         ev = Evaluator(module, data, reg_metrics, chunk_size=chunk)
         rows = ev.run(cands).to_pylist()
         ev.restore()
-        assert ev.mode == "vmap"
+        assert ev.strategy == "vmap"
         for got, w in zip(rows, want):
             check_rel(got, w, 1e-5)
         assert abs(rows[0]["mse"] - rows[1]["mse"]) > 1e-4  # the given running_mean is used
@@ -201,7 +201,7 @@ def test_gpt_explicit_dicts_tied_weights_vmap():
     cands = [a, via_head, both]
     ev = Evaluator(module, data, models.language_model, chunk_size=3)
     rows = ev.run(cands).to_pylist()
-    assert ev.mode == "vmap"
+    assert ev.strategy == "vmap"
     want = ref_loop(module, [a, b, a], data, models.language_model)
     for got, w in zip(rows, want):
         check_rel(got, w, 1e-5)
@@ -231,7 +231,7 @@ def test_chunk_size_forced_and_measured():
 
     forced = Evaluator(module, data, reg_metrics, chunk_size=3)
     rows = forced.run(cands).to_pylist()
-    assert forced.chunk_size == 3 and forced.mode == "vmap"
+    assert forced.chunk_size == 3 and forced.strategy == "vmap"
     for got, w in zip(rows, want):
         check_rel(got, w, 1e-5)
 
@@ -239,8 +239,8 @@ def test_chunk_size_forced_and_measured():
     assert measured.chunk_size is None
     rows = measured.run(cands).to_pylist()
     assert isinstance(measured.chunk_size, int) and measured.chunk_size >= 1
-    assert measured.mode in ("vmap", "loop")
-    assert isinstance(measured.mode_reason, str) and measured.mode_reason
+    assert measured.strategy in ("vmap", "loop")
+    assert isinstance(measured.strategy_reason, str) and measured.strategy_reason
     for got, w in zip(rows, want):
         check_rel(got, w, 1e-5)
 
@@ -291,7 +291,7 @@ def test_module_that_does_not_vmap_falls_back_to_loop(cls, chunk):
         rows = ev.run(cands).to_pylist()
     ev.restore()
     assert len(vmap_warnings(record)) == 1, [str(w.message) for w in record]
-    assert ev.mode == "loop" and ev.mode_reason
+    assert ev.strategy == "loop" and ev.strategy_reason
     for got, w in zip(rows, want):
         check_rel(got, w, 1e-6)
     assert len({round(r["mse"], 8) for r in rows}) == 5
@@ -354,7 +354,7 @@ def test_compile_tiny_mlp_agrees_with_fp32():
     ev = Evaluator(module, data, models.mse, compile=True, chunk_size=5)
     compiled = ev.run(sweep.Affine(base, [d], coeffs))
     ev.restore()
-    assert ev.compile_seconds > 0.0 and ev.mode == "vmap"
+    assert ev.compile_seconds > 0.0 and ev.strategy == "vmap"
     want = ref_loop(module, [{n: base[n] + float(c) * d[n] for n in base} for c in coeffs], data, models.mse)
     for e, c, w in zip(eager.to_pylist(), compiled.to_pylist(), want):
         check_rel(c, {"mse": e["mse"]}, 1e-5)

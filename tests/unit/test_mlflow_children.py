@@ -16,13 +16,21 @@ import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep.results import results_schema
-from sweep.sinks.mlflow import NONFINITE_SUFFIX, Children, MlflowSink
+from sweep import SweepError
+from sweep.config import flatten, parse_config
+from sweep.results import LINEAGE, RECIPE, column, results_schema
+from sweep.sinks import SinkContext, check_columns, open_sinks
+from sweep.sinks.mlflow import NONFINITE_SUFFIX, Children, MlflowSink, children_of, columns_logged
+from tests.conftest import REPO, edited_quickstart
 
 METRICS = ["loss", "accuracy"]
 #: The results schema of a training study with two searched hyperparameters.
 SCHEMA = results_schema({"member": pa.int64(), "generation": pa.int64(), "parent": pa.int64(), "step": pa.int64(),
                          "lr": pa.float64(), "momentum": pa.float64()}, METRICS)
+#: The same columns with the roles a training study declares: member, generation, parent and step are lineage.
+FIELDS = [column("member", pa.int64(), LINEAGE), column("generation", pa.int64(), LINEAGE),
+          column("parent", pa.int64(), LINEAGE), column("step", pa.int64(), LINEAGE),
+          column("lr", pa.float64(), RECIPE), column("momentum", pa.float64(), RECIPE)]
 #: (member, generation) of the row that failed, and of the one whose loss is NaN.
 FAILED = (2, 1)
 NAN_LOSS = (3, 2)
@@ -76,7 +84,7 @@ def histories(client: MlflowClient, run_id: str, key: str) -> dict:
     return {m.step: m.value for m in history}
 
 
-def children_of(client: MlflowClient, run) -> list:
+def children_of_run(client: MlflowClient, run) -> list:
     return client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
 
 
@@ -94,7 +102,7 @@ def test_one_child_per_member_with_one_step_per_generation(uri):
 
     client = MlflowClient(tracking_uri=uri)
     parent_run = client.get_run(first.run_id)
-    found = children_of(client, parent_run)
+    found = children_of_run(client, parent_run)
     assert sorted(r.info.run_name for r in found) == ["member-000", "member-001", "member-002", "member-003"]
     assert first.child_run_ids == {int(r.data.tags["sweep.member"]): r.info.run_id for r in found}
     for run in found:
@@ -135,7 +143,7 @@ def test_one_child_per_member_with_one_step_per_generation(uri):
     again.close({"ok": 15, "completed": True})
     assert again.errors == [] and again.missed_metrics == 0
     assert again.child_run_ids == first.child_run_ids
-    found = children_of(client, client.get_run(first.run_id))
+    found = children_of_run(client, client.get_run(first.run_id))
     assert len(found) == 4 and {r.info.run_id for r in found} == set(first.child_run_ids.values())
     for run in found:
         m = int(run.data.tags["sweep.member"])
@@ -162,7 +170,7 @@ def test_children_end_as_the_sweep_does_and_run_again_when_reopened(uri):
     again.close({"completed": True})
     assert again.child_run_ids == first.child_run_ids
     assert [client.get_run(r).info.status for r in first.child_run_ids.values()] == ["FINISHED"] * 3
-    assert len(children_of(client, client.get_run(first.run_id))) == 3
+    assert len(children_of_run(client, client.get_run(first.run_id))) == 3
 
 
 def test_many_metrics_for_one_child_go_in_several_batches(uri):
@@ -239,3 +247,59 @@ def test_a_server_that_is_away_does_not_stop_the_sweep():
         server.close()
     assert away.errors and away.child_run_ids == {} and not away.reached
     assert away.missed_metrics == 11 * 5 + 1  # 11 ok rows × (2 metrics + 3 values), and one NaN flag
+
+
+# --------------------------------------------------------------------------- children from the schema's roles
+
+
+def test_lineage_columns_member_and_generation_make_the_children():
+    schema = results_schema([*FIELDS, column("optimizer", pa.string(), RECIPE)], METRICS)
+    assert columns_logged(schema) == ["parent", "step", "lr", "momentum"]  # numbers only: not the optimizer
+    made = children_of(schema)
+    assert (made.key, made.step, list(made.values)) == ("member", "generation", ["parent", "step", "lr", "momentum"])
+
+
+@pytest.mark.parametrize("fields", [
+    {"member": pa.int64(), "generation": pa.int64(), "lr": pa.float64()},  # no roles given: recipe columns
+    [column("member", pa.int64(), LINEAGE), column("lr", pa.float64())],  # no generation
+], ids=["recipe", "member-only"])
+def test_without_member_and_generation_lineage_there_are_no_children(fields):
+    schema = results_schema(fields, METRICS)
+    assert columns_logged(schema) == [] and children_of(schema) is None
+
+
+def contract_config(tmp_path, **sinks):
+    changes = {"name": "pbt", "sinks": {"parquet": {"enabled": False}, "mlflow": sinks}}
+    return parse_config(edited_quickstart(REPO, changes), base_dir=tmp_path)
+
+
+def test_check_columns_checks_the_logged_columns_while_mlflow_is_on(tmp_path):
+    schema = results_schema([*FIELDS, column("lr!", pa.float64(), RECIPE)], METRICS)
+    with pytest.raises(SweepError, match=r"'lr!', which MLflow refuses as a metric name: it holds '!'"):
+        check_columns(contract_config(tmp_path), schema, METRICS)
+    check_columns(contract_config(tmp_path, enabled=False), schema, METRICS)
+    check_columns(contract_config(tmp_path), results_schema({"lr!": pa.float64()}, METRICS), METRICS)  # not logged
+
+
+def test_a_sink_opened_for_a_training_schema_logs_children(tmp_path, uri):
+    config = contract_config(tmp_path, tracking_uri=uri, max_candidate_metrics=100)
+    schema = results_schema(FIELDS, METRICS)
+    recorded = []
+    context = SinkContext(config=config, schema=schema, metric_names=METRICS, results=None, run_dir=tmp_path,
+                          total=8, workers=2, stamp={"sweep.name": "pbt"}, record={},
+                          update_record=lambda **fields: recorded.append(fields), params=flatten(config.to_dict()))
+    [opened] = open_sinks(context)
+    for g in range(2):
+        opened.write(generation(g, 4).cast(schema))
+    opened.close({"completed": True})
+    assert opened.warnings == [] and opened.outcome() == {"mlflow_run_id": opened.run_id, "mlflow_missed_metrics": 0}
+    assert recorded == [{"mlflow_run_id": opened.run_id}]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(opened.run_id)
+    assert run.data.tags["sweep.workers"] == "2" and "sweep.git_commit" in run.data.tags
+    found = children_of_run(client, run)
+    assert len(found) == 4
+    child = opened.child_run_ids[1]
+    assert histories(client, child, "lr") == {g: lr(1, g) for g in range(2)}
+    assert histories(client, child, "momentum") == {0: 0.9, 1: 0.9}
+    assert histories(client, child, "parent") == {g: float(parent(1, g)) for g in range(2)}

@@ -1,6 +1,6 @@
 """MLflow-safe names, checked up front: config keys (MLflow params) and metric names.
 
-The rule in `sweep.config` mirrors `mlflow.utils.validation`; these tests hold it
+The rule in `sweep.sinks.mlflow` mirrors `mlflow.utils.validation`; these tests hold it
 against MLflow's own validators on the same names, so an MLflow upgrade that
 changes the rules shows up here.
 """
@@ -18,8 +18,9 @@ from mlflow.utils import validation as mlflow_validation
 
 import sweep
 from sweep import ConfigError, SweepError
-from sweep.config import (MLFLOW_MAX_EXPERIMENT_NAME_LENGTH, MLFLOW_MAX_KEY_LENGTH, check_metric_names, flatten,
-                          load_config, logged_metric_names, mlflow_name_problem, parse_config)
+from sweep.config import flatten, load_config, parse_config
+from sweep.sinks.mlflow import (MLFLOW_MAX_EXPERIMENT_NAME_LENGTH, MLFLOW_MAX_KEY_LENGTH, check_metric_names,
+                                logged_metric_names, mlflow_name_problem)
 
 from tests.conftest import with_changes  # noqa: E402
 

@@ -241,7 +241,7 @@ def context(config):
 def test_pbt_plan_is_reproducible_and_explores_from_the_donor():
     config = load("pbt.yaml")
     a, b = plan(config.study, context(config)), plan(config.study, context(config))
-    assert a.hyper_values() == b.hyper_values() and len(a) == 16 * 20
+    assert a.population == b.population and len(a) == 16 * 20
     for study in (a, b):
         study.bind("accuracy", "max", ["loss", "accuracy"])
     scores = {m: 0.5 + 0.01 * m for m in range(16)}
@@ -259,8 +259,8 @@ def test_search_grid_trains_every_combination():
         plan(asks_16.study, context(asks_16))
     config = load("search.yaml", drop=["population"], **GRID)
     study = plan(config.study, context(config))
-    assert study.population == 6 and len(study) == 6 * 20
-    values = study.hyper_values()
+    assert study.population.size == 6 and len(study) == 6 * 20
+    values = study.population.hyper
     pairs = sorted(zip(values["lr"], values["momentum"]))
     assert pairs == sorted((lr, m) for lr in (0.01, 0.1, 1.0) for m in (0.0, 0.9))
     assert not study.exploit

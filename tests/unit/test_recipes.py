@@ -181,7 +181,7 @@ def test_affine_mlp_plane_matches_reference_forced_and_auto():
     ev = Evaluator(module, data, mlp_metrics, chunk_size=3)  # chunks of 3, 3, 1
     table = ev.run(sweep.Affine(base, dirs, coeffs))
     ev.restore()
-    assert ev.mode == "vmap" and ev.chunk_size == 3
+    assert ev.strategy == "vmap" and ev.chunk_size == 3
     assert table.column_names == ["candidate_id", "status", "error", "coeff_0", "coeff_1", "mse", "l1"]
     assert table.column("candidate_id").to_pylist() == list(range(7))
     assert table.column("coeff_0").to_pylist() == coeffs[:, 0].tolist()
@@ -195,7 +195,7 @@ def test_affine_mlp_plane_matches_reference_forced_and_auto():
     auto = ev.run(sweep.Affine(base, dirs, torch.tensor(coeffs)))
     ev.restore()
     assert isinstance(ev.chunk_size, int) and ev.chunk_size >= 1
-    assert ev.mode in ("vmap", "loop") and ev.mode_reason
+    assert ev.strategy in ("vmap", "loop") and ev.strategy_reason
     assert_rel(auto, want, 1e-5)
 
 
@@ -210,7 +210,7 @@ def test_affine_cnn_batchnorm_eval_matches_reference():
     ev = Evaluator(module, data, cnn_metrics, chunk_size=3)
     table = ev.run(sweep.Affine(base, [direction], coeffs, names=["alpha"]))
     ev.restore()
-    assert ev.mode == "vmap"
+    assert ev.strategy == "vmap"
     assert table.column_names == ["candidate_id", "status", "error", "alpha", "loss", "sq"]
     assert table.column("alpha").to_pylist() == coeffs.tolist()
     assert_rel(table, want, 1e-5)
@@ -308,7 +308,7 @@ def test_affine_gpt_tied_weights_matches_reference():
 
     ev = Evaluator(module, data, gpt_metrics, chunk_size=3)
     table = ev.run(sweep.Affine(base, [direction], coeffs))
-    assert ev.mode == "vmap"
+    assert ev.strategy == "vmap"
     assert_rel(table, want, 1e-5)
     assert_distinct(table, "loss")
 
@@ -350,7 +350,7 @@ def test_noise_matches_hand_drawn_reference_mlp():
     want = ref_loop(module, [noise_by_hand(module, base, sigma, s) for s in seeds], data, mlp_metrics)
     ev = Evaluator(module, data, mlp_metrics, chunk_size=4)
     table = ev.run(sweep.Noise(base, sigma, seeds))
-    assert ev.mode == "vmap"
+    assert ev.strategy == "vmap"
     assert table.column_names == ["candidate_id", "status", "error", "seed", "mse", "l1"]
     assert table.column("seed").to_pylist() == seeds
     assert table.schema.field("seed").type == pa.int64()

@@ -1,7 +1,8 @@
 """`sweep report`: figures and the self-contained page from hand-made run folders with known answers.
 
 Each run folder holds a real config.yaml (absolute paths to the example checkpoints), a run.json
-and synthetic results. No Ray, no MLflow server: MLflow is a local SQLite store.
+and synthetic results whose columns carry their roles, as a sweep writes them. No Ray, no MLflow
+server: MLflow is a local SQLite store.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import base64
 import json
 import math
 import re
+import types
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,9 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import sweep.config as config
 import sweep.report as report
+import sweep.studies as studies
 from sweep.errors import SweepError
-from sweep.report import best_rows, merge_grid, metric_mode, write_report
+from sweep.plotting import Figure, RunView, figure, save
+from sweep.report import best_rows, metric_mode, write_report
+from sweep.results import LINEAGE, RECIPE, column, results_schema
+from sweep.settings import Section
+from sweep.studies.merge import merge_grid
 
 CHECKPOINTS = Path(report.__file__).resolve().parent / "examples" / "checkpoints"
 ENDPOINTS = [str(CHECKPOINTS / f"seed{i}-epoch30.safetensors") for i in range(3)]
@@ -46,18 +54,32 @@ def config_dict(name: str, study: Dict[str, Any], *, objective: Optional[str] = 
     }
 
 
-def results_table(columns: Dict[str, Any], types: Dict[str, pa.DataType]) -> pa.Table:
-    """A results table: candidate_id, status, error, recipe and metric columns as given, then the trailing ones."""
+#: The metric columns of the hand-made tables; the other columns given are the study's.
+METRICS = ("loss", "acc", "accuracy")
+#: The study columns with role lineage (a population's); the others are recipe columns.
+LINEAGE_COLUMNS = ("member", "generation", "parent", "step")
+
+
+def results_table(columns: Dict[str, Any], types: Dict[str, pa.DataType], *, metrics: Sequence[str] = METRICS,
+                  roles: bool = True) -> pa.Table:
+    """A results table as a sweep writes it: candidate_id, status, error, the study's columns (float64 unless
+    `types` says otherwise), the metrics among `metrics` (in the order given), then the trailing columns,
+    each with its role in the field metadata (none with `roles=False`, as results written before roles)."""
     n = len(next(iter(columns.values())))
     data = {"candidate_id": pa.array(columns.pop("candidate_id", range(n)), pa.int64()),
             "status": pa.array(columns.pop("status", ["ok"] * n), pa.string()),
             "error": pa.array(columns.pop("error", [None] * n), pa.string())}
+    study = [column(name, types.get(name, pa.float64()), LINEAGE if name in LINEAGE_COLUMNS else RECIPE)
+             for name in columns if name not in metrics]
+    schema = results_schema(study, [name for name in columns if name in metrics])
     for name, values in columns.items():
-        data[name] = pa.array(list(values), types.get(name, pa.float64()))
+        data[name] = pa.array(list(values), schema.field(name).type)
     data["worker"] = pa.array(["w0"] * n, pa.string())
     data["node"] = pa.array(["n0"] * n, pa.string())
     data["eval_seconds"] = pa.array([0.01] * n, pa.float64())
-    return pa.table(data)
+    if not roles:
+        schema = pa.schema([f.remove_metadata() for f in schema])
+    return pa.Table.from_pydict(data, schema=schema)
 
 
 def make_run(tmp_path: Path, config: Dict[str, Any], table: pa.Table, *, run_id: Optional[str] = None,
@@ -218,6 +240,102 @@ def test_objective_defaults_to_the_first_metric(tmp_path):
 def test_metric_mode_rule():
     assert metric_mode("val_loss") == "min" and metric_mode("Error rate") == "min"
     assert metric_mode("accuracy") == "max" and metric_mode("f1") == "max"
+
+
+# --------------------------------------------------------------------------- column roles and the study registry
+
+
+class GridConfig(Section):
+    """The config section of a study kind that only a test registers."""
+
+    kind: Literal["grid"]
+    points: int = 3
+
+
+@pytest.fixture
+def grid_kind():
+    """A study kind `grid` registered at runtime: a module with a Config, figures (grid.png) and a page
+    section, and no line in sweep.studies. Yields the RunViews its figures were given."""
+    seen: List[RunView] = []
+
+    def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
+        seen.append(run)
+        fig, (ax,) = figure(1)
+        ax.plot(run.floats("scale"), run.floats(run.objective), "o-")
+        path = folder / "grid.png"
+        save(fig, path)
+        notes.append(f"grid of {run.ok.num_rows} points")
+        return [Figure(path, "the objective over the scale")]
+
+    module = types.ModuleType("grid")
+    module.Config = GridConfig
+    module.FIGURES = ("grid.png",)
+    module.figures = figures
+    module.page = lambda run: [f'<h2>Grid</h2>\n<p id="grid-section">{len(run.metrics)} metrics</p>\n']
+    studies.STUDIES["grid"] = module
+    config.rebuild()
+    try:
+        yield seen
+    finally:
+        del studies.STUDIES["grid"]
+        config.rebuild()
+
+
+def grid_table() -> pa.Table:
+    """A float recipe column (scale) before the metrics, accuracy the first metric."""
+    return results_table({"scale": [0.5, 1.0, 2.0], "accuracy": [0.7, 0.9, 0.8], "loss": [0.6, 0.2, 0.4]}, {})
+
+
+def test_a_float_recipe_column_is_not_a_metric_and_the_objective_is_the_first_metric(tmp_path, grid_kind):
+    run_dir = make_run(tmp_path, config_dict("grid", {"kind": "grid"}, objective=None, mode="max"), grid_table())
+    result = write_report(run_dir, mlflow=False)
+    assert result.warnings == []
+    (run,) = grid_kind
+    assert (run.kind, run.recipe, run.lineage) == ("grid", ["scale"], [])
+    assert (run.metrics, run.objective, run.mode) == (["accuracy", "loss"], "accuracy", "max")
+    page = result.html.read_text()
+    assert "Objective: <b>accuracy</b>" in page and "Best 3 rows by accuracy (higher is better)" in page
+    assert table_ids(page, "best") == [1, 2, 0]
+    header = re.search(r'<table id="best">\s*<thead><tr>(.*?)</tr>', page, re.S).group(1)
+    assert re.findall(r"<th>(.*?)</th>", header) == ["candidate_id", "scale", "accuracy", "loss"]
+
+
+def test_a_study_registered_at_runtime_draws_its_figures_and_page_section(tmp_path, grid_kind):
+    run_dir = make_run(tmp_path, config_dict("grid", {"kind": "grid", "points": 3}), grid_table())
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "objective.png").write_bytes(PNG_SIGNATURE)  # a figure this kind does not draw
+    result = write_report(run_dir, mlflow=False)
+    assert result.figures == [run_dir / "report" / "grid.png"]
+    check_png(result.figures[0])
+    assert not (run_dir / "report" / "objective.png").exists()
+    page = result.html.read_text()
+    assert embedded_images(page) == [result.figures[0].read_bytes()]
+    assert '<figure id="grid">' in page and "grid.png: the objective over the scale" in page
+    assert '<p id="grid-section">2 metrics</p>' in page
+    assert summary_items(page) == ["grid of 3 points"]
+    assert page.index('id="grid-section"') < page.index("<h2>Figures</h2>")
+
+    # Its figure names are the report's too: another kind's report removes a stale grid.png.
+    other = make_run(tmp_path, config_dict("ck", {"kind": "checkpoints", "paths": ENDPOINTS}), checkpoints_table(),
+                     name="other")
+    (other / "report").mkdir()
+    (other / "report" / "grid.png").write_bytes(PNG_SIGNATURE)
+    assert [p.name for p in write_report(other, mlflow=False).figures] == ["objective.png"]
+    assert not (other / "report" / "grid.png").exists()
+
+
+def test_results_without_roles_take_their_float_columns_for_metrics(tmp_path):
+    table = results_table({"path": ["a", "b", "c"], "scale": [3.0, 2.0, 1.0], "loss": [0.3, 0.1, 0.2]},
+                          {"path": pa.string()}, roles=False)
+    run_dir = make_run(tmp_path, config_dict("old", {"kind": "checkpoints", "paths": ENDPOINTS}), table)
+    result = write_report(run_dir, mlflow=False)
+    assert result.warnings == ["the results carry no column roles (written before sweep recorded them): float "
+                               "columns are taken for metrics (scale, loss), the others for recipe columns"]
+    page = result.html.read_text()
+    assert "the results carry no column roles" in page
+    assert table_ids(page, "best") == [1, 2, 0]  # by loss, the configured objective
+    header = re.search(r'<table id="best">\s*<thead><tr>(.*?)</tr>', page, re.S).group(1)
+    assert re.findall(r"<th>(.*?)</th>", header) == ["candidate_id", "path", "loss", "scale"]
 
 
 # --------------------------------------------------------------------------- align
@@ -382,25 +500,6 @@ def test_a_run_folder_whose_checkpoints_are_gone_still_reports(tmp_path):
 # --------------------------------------------------------------------------- pbt and search
 
 
-@pytest.fixture
-def training_kinds(monkeypatch):
-    """Kinds pbt and search in the config's study union, where sweep.studies does not list them (yet)."""
-    import sweep.config as config
-    import sweep.studies as studies
-
-    if "pbt" in studies.STUDIES and "search" in studies.STUDIES:
-        return
-    from sweep.studies import pbt, search
-
-    monkeypatch.setitem(studies.STUDIES, "pbt", pbt)
-    monkeypatch.setitem(studies.STUDIES, "search", search)
-
-    class WithTraining(config.SweepConfig):
-        study: config._study_union()  # type: ignore[valid-type]
-
-    monkeypatch.setattr(config, "SweepConfig", WithTraining)
-
-
 def training_study(kind: str, population: int, generations: int, interval: int = 50) -> Dict[str, Any]:
     """configs/pbt.yaml's (or search.yaml's) study section, sized."""
     study = {"kind": kind, "population": population, "steps": generations * interval, "interval": interval,
@@ -446,7 +545,7 @@ def schedule_rows(page: str) -> List[List[str]]:
     return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
 
 
-def test_pbt_report_draws_the_lineage_and_gives_the_best_members_schedule(tmp_path, training_kinds):
+def test_pbt_report_draws_the_lineage_and_gives_the_best_members_schedule(tmp_path):
     config = config_dict("pbt", training_study("pbt", 4, 4), objective="accuracy", mode="max")
     run_dir = make_run(tmp_path, config, training_table(PBT_ROWS, 4))
     record = json.loads((run_dir / "run.json").read_text())
@@ -487,7 +586,7 @@ def test_pbt_report_draws_the_lineage_and_gives_the_best_members_schedule(tmp_pa
     assert any("member 2, accuracy = 0.8" in item for item in summary_items(page))
 
 
-def test_pbt_report_warns_when_findings_disagree_and_a_lineage_is_broken(tmp_path, training_kinds):
+def test_pbt_report_warns_when_findings_disagree_and_a_lineage_is_broken(tmp_path):
     rows = [r for r in PBT_ROWS if (r[0], r[1]) != (1, 3)]  # member 3's row of generation 1 is gone
     config = config_dict("pbt-broken", training_study("pbt", 4, 4), objective="accuracy", mode="max")
     run_dir = make_run(tmp_path, config, training_table(rows, 4))
@@ -505,7 +604,7 @@ def test_pbt_report_warns_when_findings_disagree_and_a_lineage_is_broken(tmp_pat
     assert "Its lineage cannot be followed" in page and '<table id="schedule">' not in page
 
 
-def test_search_report_has_no_lineage_tree(tmp_path, training_kinds):
+def test_search_report_has_no_lineage_tree(tmp_path):
     lrs, momenta = [0.003, 0.03, 0.3], [0.2, 0.5, 0.8]
     final = [0.6, 0.9, 0.7]  # member 1 is the best
     rows = [(g, m, m, lrs[m], momenta[m], final[m] * (g + 1) / 3) for g in range(3) for m in range(3)]
@@ -560,7 +659,7 @@ def simulated_pbt(population: int = 16, generations: int = 20, seed: int = 0) ->
     return training_table(rows, population)
 
 
-def test_a_realistic_pbt_run_reports(tmp_path, training_kinds):
+def test_a_realistic_pbt_run_reports(tmp_path):
     table = simulated_pbt()
     config = config_dict("pbt-digits", training_study("pbt", 16, 20), objective="accuracy", mode="max")
     result = write_report(make_run(tmp_path, config, table), mlflow=False)

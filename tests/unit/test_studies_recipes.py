@@ -23,6 +23,7 @@ from sweep.model import build_module
 from sweep.studies import plan
 from sweep.studies import interpolate as interp
 from sweep.studies import perturb as pert
+from sweep.studies._path import path_coefficients
 
 # --------------------------------------------------------------------------- helpers
 
@@ -101,7 +102,7 @@ def run_study(study, module, data, metrics, batch_size, chunk_size=3, skip=froze
 
 def test_path_coefficients_two_endpoints():
     alphas = np.array([-0.5, 0.0, 0.3, 1.0, 1.75])
-    got = interp.path_coefficients(alphas, 1)
+    got = path_coefficients(alphas, 1)
     assert got.shape == (5, 1)
     np.testing.assert_allclose(got, [[-0.5], [0.0], [0.3], [1.0], [1.75]], rtol=0, atol=1e-15)
 
@@ -120,7 +121,7 @@ def test_path_coefficients_three_endpoints():
         [-2.0, 0.0],
         [1.0, 2.25],
     ]
-    np.testing.assert_allclose(interp.path_coefficients(alphas, 2), want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(path_coefficients(alphas, 2), want, rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- interpolate

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 import sweep
 import sweep.model as model
 from sweep.cli import main as cli_main
-from sweep.config import check_file, glob_matches_a_file, path_kind
+from sweep.files import check_file, glob_matches_a_file, path_kind
 from sweep.errors import ConfigError, WeightsError
 from sweep.model import glob_files, load_weights, read_file_bytes, read_weights_file
 from sweep.studies.checkpoints import Checkpoints, Config, FileContents, expand
