@@ -158,9 +158,9 @@ class StudyBase:
     objective: Optional[str] = None
     mode: str = "min"
     metric_names: Sequence[str] = ()
-    #: the study's columns (name → Arrow type) in the order they are written; every one is a recipe
-    #: column unless `lineage` names it
-    columns: Dict[str, pa.DataType] = {}
+    #: the study's columns (name → Arrow type) in the order they are written, set by every study; each
+    #: is a recipe column unless `lineage` names it
+    columns: Dict[str, pa.DataType]
     #: the columns among `columns` that say who a row descends from and when (member, generation, parent, step)
     lineage: Tuple[str, ...] = ()
     #: False for a study whose state lives only on its workers; `not_resumable` then says why

@@ -248,13 +248,13 @@ def test_metric_mode_rule():
 class GridConfig(Section):
     """The config section of a study kind that only a test registers."""
 
-    kind: Literal["grid"]
+    kind: Literal["tiles"]
     points: int = 3
 
 
 @pytest.fixture
-def grid_kind():
-    """A study kind `grid` registered at runtime: a module with a Config, figures (grid.png) and a page
+def tiles_kind():
+    """A study kind `tiles` registered at runtime: a module with a Config, figures (tiles.png) and a page
     section, and no line in sweep.studies. Yields the RunViews its figures were given."""
     seen: List[RunView] = []
 
@@ -262,36 +262,37 @@ def grid_kind():
         seen.append(run)
         fig, (ax,) = figure(1)
         ax.plot(run.floats("scale"), run.floats(run.objective), "o-")
-        path = folder / "grid.png"
+        path = folder / "tiles.png"
         save(fig, path)
-        notes.append(f"grid of {run.ok.num_rows} points")
+        notes.append(f"tiles of {run.ok.num_rows} points")
         return [Figure(path, "the objective over the scale")]
 
-    module = types.ModuleType("grid")
+    module = types.ModuleType("tiles")
     module.Config = GridConfig
-    module.FIGURES = ("grid.png",)
+    module.FIGURES = ("tiles.png",)
     module.figures = figures
-    module.page = lambda run: [f'<h2>Grid</h2>\n<p id="grid-section">{len(run.metrics)} metrics</p>\n']
-    studies.STUDIES["grid"] = module
+    module.page = lambda run: [f'<h2>Grid</h2>\n<p id="tiles-section">{len(run.metrics)} metrics</p>\n']
+    assert "tiles" not in studies.STUDIES, "the runtime kind must not replace a registered one"
+    studies.STUDIES["tiles"] = module
     config.rebuild()
     try:
         yield seen
     finally:
-        del studies.STUDIES["grid"]
+        del studies.STUDIES["tiles"]
         config.rebuild()
 
 
-def grid_table() -> pa.Table:
+def tiles_table() -> pa.Table:
     """A float recipe column (scale) before the metrics, accuracy the first metric."""
     return results_table({"scale": [0.5, 1.0, 2.0], "accuracy": [0.7, 0.9, 0.8], "loss": [0.6, 0.2, 0.4]}, {})
 
 
-def test_a_float_recipe_column_is_not_a_metric_and_the_objective_is_the_first_metric(tmp_path, grid_kind):
-    run_dir = make_run(tmp_path, config_dict("grid", {"kind": "grid"}, objective=None, mode="max"), grid_table())
+def test_a_float_recipe_column_is_not_a_metric_and_the_objective_is_the_first_metric(tmp_path, tiles_kind):
+    run_dir = make_run(tmp_path, config_dict("tiles", {"kind": "tiles"}, objective=None, mode="max"), tiles_table())
     result = write_report(run_dir, mlflow=False)
     assert result.warnings == []
-    (run,) = grid_kind
-    assert (run.kind, run.recipe, run.lineage) == ("grid", ["scale"], [])
+    (run,) = tiles_kind
+    assert (run.kind, run.recipe, run.lineage) == ("tiles", ["scale"], [])
     assert (run.metrics, run.objective, run.mode) == (["accuracy", "loss"], "accuracy", "max")
     page = result.html.read_text()
     assert "Objective: <b>accuracy</b>" in page and "Best 3 rows by accuracy (higher is better)" in page
@@ -300,28 +301,28 @@ def test_a_float_recipe_column_is_not_a_metric_and_the_objective_is_the_first_me
     assert re.findall(r"<th>(.*?)</th>", header) == ["candidate_id", "scale", "accuracy", "loss"]
 
 
-def test_a_study_registered_at_runtime_draws_its_figures_and_page_section(tmp_path, grid_kind):
-    run_dir = make_run(tmp_path, config_dict("grid", {"kind": "grid", "points": 3}), grid_table())
+def test_a_study_registered_at_runtime_draws_its_figures_and_page_section(tmp_path, tiles_kind):
+    run_dir = make_run(tmp_path, config_dict("tiles", {"kind": "tiles", "points": 3}), tiles_table())
     (run_dir / "report").mkdir()
     (run_dir / "report" / "objective.png").write_bytes(PNG_SIGNATURE)  # a figure this kind does not draw
     result = write_report(run_dir, mlflow=False)
-    assert result.figures == [run_dir / "report" / "grid.png"]
+    assert result.figures == [run_dir / "report" / "tiles.png"]
     check_png(result.figures[0])
     assert not (run_dir / "report" / "objective.png").exists()
     page = result.html.read_text()
     assert embedded_images(page) == [result.figures[0].read_bytes()]
-    assert '<figure id="grid">' in page and "grid.png: the objective over the scale" in page
-    assert '<p id="grid-section">2 metrics</p>' in page
-    assert summary_items(page) == ["grid of 3 points"]
-    assert page.index('id="grid-section"') < page.index("<h2>Figures</h2>")
+    assert '<figure id="tiles">' in page and "tiles.png: the objective over the scale" in page
+    assert '<p id="tiles-section">2 metrics</p>' in page
+    assert summary_items(page) == ["tiles of 3 points"]
+    assert page.index('id="tiles-section"') < page.index("<h2>Figures</h2>")
 
-    # Its figure names are the report's too: another kind's report removes a stale grid.png.
+    # Its figure names are the report's too: another kind's report removes a stale tiles.png.
     other = make_run(tmp_path, config_dict("ck", {"kind": "checkpoints", "paths": ENDPOINTS}), checkpoints_table(),
                      name="other")
     (other / "report").mkdir()
-    (other / "report" / "grid.png").write_bytes(PNG_SIGNATURE)
+    (other / "report" / "tiles.png").write_bytes(PNG_SIGNATURE)
     assert [p.name for p in write_report(other, mlflow=False).figures] == ["objective.png"]
-    assert not (other / "report" / "grid.png").exists()
+    assert not (other / "report" / "tiles.png").exists()
 
 
 def test_results_without_roles_take_their_float_columns_for_metrics(tmp_path):
