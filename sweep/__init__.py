@@ -6,6 +6,7 @@ The public API lives here; everything else is reachable but private.
 from .errors import ConfigError, SweepError, WeightsError
 from .evaluator import CandidatesError, evaluate
 from .recipes import Affine, Merge, Noise, Recipe, Slerp
+from .stacked import Stacked
 from .types import FAILED, INVALID, OK, Invalid
 from .validate import check_candidate
 
@@ -16,6 +17,7 @@ __all__ = [
     "Slerp",
     "Merge",
     "Recipe",
+    "Stacked",
     "check_candidate",
     "Invalid",
     "OK",

@@ -4,24 +4,50 @@ The naive loop is what people write by hand: build each candidate's dict
 (`A + α·(B − A)`), call `functional_call(..., strict=True)`, read each metric
 with `.item()`. The engine is `sweep.evaluate` with an Affine recipe (fp32,
 bf16) and the compiled vmapped call. Every figure is candidates per second on
-this machine, from this run; ratios are against the loop of the same run.
+this machine, from this run (chunk sizes too: the bench measures them in a
+temporary chunk cache, not the user's); ratios are against the loop of the
+same run.
+
+Beside the Affine recipe, every candidate form is measured on one population
+(row k = A + α_k·(B − A), flattened in `named_parameters()` order): a list of
+explicit dicts, `sweep.Stacked` (a dict of `[K, *shape]` tensors and the flat
+`[K, P]` matrix), the `sweep.Noise` recipe, and, when `evotorch` is installed
+(`pip install 'sweep[bench]'`), EvoTorch's vectorised `Problem` holding the
+same population matrix. A few rows of every form are checked against a plain
+`functional_call` loop, and a mismatch stops the bench (`BenchMismatch`).
+
+The first call of `sweep.evaluate` is timed apart, in fresh processes: once
+with an empty chunk cache (the chunk size is measured) and once with the
+choice the first process kept (see `sweep.chunking`), against the second
+call of the same process (the steady state).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
+import pyarrow as pa
 import torch
 from torch.func import functional_call
 
-from .evaluator import Evaluator, evaluate
+from . import chunking
+from .errors import SweepError
+from .evaluator import Evaluator, evaluate, is_out_of_memory
 from .examples import models as M
-from .recipes import Affine
+from .messages import first_line
+from .recipes import Affine, Noise
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,28 @@ MODELS = (
 )
 
 
+#: The candidate forms measured on one population, in the order shown, with their column titles.
+FORMS = {"dicts": "dicts", "stacked": "Stacked", "stacked_flat": "Stacked[K,P]", "noise": "Noise",
+         "evotorch": "EvoTorch"}
+#: Bytes the population of the candidate forms may take (a [K, P] float32 matrix; K is capped to fit).
+FORM_BYTES = {"cpu": 1 * 1024**3, "cuda": 8 * 1024**3}
+#: Noise's sigma for the Noise form.
+NOISE_SIGMA = 0.01
+#: Rows of every form checked against the functional_call loop: the first, the middle and the last.
+SPOT_ROWS = 3
+#: The check's tolerance: relative for fp32 (results equal to the loop's), looser for bf16 weights.
+SPOT_RTOL = {"fp32": 1e-5, "bf16": 5e-2}
+SPOT_ATOL = 1e-7
+EVOTORCH_MISSING = "evotorch not installed (pip install 'sweep[bench]')"
+STACKED_MISSING = "not available (this sweep has no sweep.Stacked)"
+#: The first-call rows: seconds a fresh process may take (importing torch included) before it counts as failed.
+FIRST_CALL_TIMEOUT = 600
+
+
+class BenchMismatch(SweepError):
+    """A form's rows differ from the functional_call loop's: the bench stops rather than print its figures."""
+
+
 @dataclass
 class Result:
     model: str
@@ -61,7 +109,22 @@ class Result:
     strategy: str = ""
     chunk_size: int = 0
     roofline: Optional[float] = None
+    #: each engine figure's and each form's rate over the roofline rate
     roofline_fraction: Dict[str, float] = field(default_factory=dict)
+    #: candidates in the population the forms are measured on (K, capped by FORM_BYTES)
+    form_candidates: int = 0
+    #: candidates/s of each form in FORMS (fp32), and × the naive loop
+    forms: Dict[str, float] = field(default_factory=dict)
+    form_ratio: Dict[str, float] = field(default_factory=dict)
+    #: why a form (or the first-call rows) has no figure
+    notes: Dict[str, str] = field(default_factory=dict)
+    #: what was checked equal to the functional_call loop ("fp32", "bf16", "compiled", and the forms)
+    checked: List[str] = field(default_factory=list)
+    #: seconds of a fresh process's first `sweep.evaluate` (Affine, fp32, `candidates` rows): "cold" (empty
+    #: chunk cache), "warm" (the kept choice read back), and "steady" (the second call in that process)
+    first_call: Dict[str, float] = field(default_factory=dict)
+    first_call_rate: Dict[str, float] = field(default_factory=dict)
+    first_call_ratio: Dict[str, float] = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:
@@ -93,6 +156,269 @@ def _rate(n: int, fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     _sync(device)
     return n / (time.perf_counter() - start)
+
+
+def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    return _timed_call(fn, device)[0]
+
+
+def _timed_call(fn: Callable[[], Any], device: torch.device) -> Tuple[float, Any]:
+    """(seconds, what `fn` returned), the device synchronised before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+# -- the spot check ----------------------------------------------------------------
+def reference_metrics(module: torch.nn.Module, params: Dict[str, torch.Tensor], data, metrics) -> Dict[str, float]:
+    """One candidate's metrics from a plain functional_call over the data, each batch weighted by its size
+    (as `sweep.evaluate` averages them)."""
+    buffers = dict(module.named_buffers())
+    sums: Dict[str, float] = {}
+    total = 0
+    with torch.no_grad():
+        for x, y in data:
+            n = int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() else 1
+            out = functional_call(module, {**buffers, **params}, (x,), strict=True)
+            for name, value in metrics(out, y).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            total += n
+    return {name: value / total for name, value in sums.items()}
+
+
+def spot_rows(k: int) -> List[int]:
+    """The rows the spot check looks at: the first, the middle and the last (SPOT_ROWS of them)."""
+    return sorted({int(i) for i in np.linspace(0, k - 1, SPOT_ROWS)})
+
+
+def spot_check(form: str, got: Callable[[int], Dict[str, Optional[float]]],
+               candidate: Callable[[int], Dict[str, torch.Tensor]], k: int, module, data, metrics,
+               precision: str = "fp32") -> None:
+    """Raise `BenchMismatch` when row i of `form` (`got(i)`: metric name → value, None when the row is not
+    ok) differs from the functional_call loop on `candidate(i)`, for the rows of `spot_rows(k)`."""
+    rtol = SPOT_RTOL[precision]
+    for i in spot_rows(k):
+        expected = reference_metrics(module, candidate(i), data, metrics)
+        values = got(i)
+        for name, value in values.items():
+            if name not in expected:
+                continue
+            want = expected[name]
+            if value is None or not math.isclose(value, want, rel_tol=rtol, abs_tol=SPOT_ATOL):
+                raise BenchMismatch(
+                    f"bench: {form} row {i}: metric '{name}' is {value!r}, the functional_call loop gives {want!r} "
+                    f"(relative tolerance {rtol:g}); this form's results are wrong, so its figures are not shown")
+        if not set(values) & set(expected):
+            raise BenchMismatch(f"bench: {form} row {i} has none of the metrics {sorted(expected)}")
+
+
+def table_row(table: pa.Table) -> Callable[[int], Dict[str, Optional[float]]]:
+    """Row i of a results table as float column → value (None when the row is not ok)."""
+    names = [f.name for f in table.schema if pa.types.is_floating(f.type) and f.name != "eval_seconds"]
+
+    def row(i: int) -> Dict[str, Optional[float]]:
+        ok = table.column("status")[i].as_py() == "ok"
+        return {n: (table.column(n)[i].as_py() if ok else None) for n in names}
+    return row
+
+
+# -- the candidate forms -------------------------------------------------------------
+class Population:
+    """K candidates as one [K, P] float32 matrix (row k flattened in `named_parameters()` order), and the
+    same candidates as the other forms see them."""
+
+    def __init__(self, module: torch.nn.Module, matrix: torch.Tensor):
+        self.module, self.matrix = module, matrix
+        self.names: List[Tuple[str, Tuple[int, ...]]] = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
+        self.sizes = [math.prod(shape) for _, shape in self.names]
+
+    def __len__(self) -> int:
+        return int(self.matrix.shape[0])
+
+    def row(self, i: int) -> Dict[str, torch.Tensor]:
+        """Candidate i as a dict of views into the matrix."""
+        parts = torch.split(self.matrix[i], self.sizes)
+        return {n: t.view(shape) for (n, shape), t in zip(self.names, parts)}
+
+    def dicts(self) -> List[Dict[str, torch.Tensor]]:
+        return [self.row(i) for i in range(len(self))]
+
+    def stacked(self) -> Dict[str, torch.Tensor]:
+        """One contiguous [K, *shape] tensor per parameter (what `torch.func.stack_module_state` gives)."""
+        parts = torch.split(self.matrix, self.sizes, dim=1)
+        return {n: t.reshape((len(self),) + shape).contiguous() for (n, shape), t in zip(self.names, parts)}
+
+
+def population(module: torch.nn.Module, a, d, alphas: torch.Tensor) -> Population:
+    """Row k = a + α_k·d, flattened: the Affine recipe's candidates, held as a matrix."""
+    flat_a = torch.cat([a[n].reshape(-1) for n, _ in module.named_parameters()])
+    flat_d = torch.cat([d[n].reshape(-1) for n, _ in module.named_parameters()])
+    return Population(module, torch.addcmul(flat_a.unsqueeze(0), alphas[:, None].to(flat_a), flat_d.unsqueeze(0)))
+
+
+def recipe_candidate(module, recipe, data, metrics, device: torch.device) -> Callable[[int], Dict[str, torch.Tensor]]:
+    """Candidate i of `recipe`, materialised alone through the recipe's own rows (the check then evaluates
+    it with functional_call, apart from the engine's chunks)."""
+    ev = Evaluator(module, data[:1], metrics, device=device, chunk_size=1)
+    prepared = ev._prepare(recipe.anchors())
+    if isinstance(prepared, str):
+        raise BenchMismatch(f"bench: the recipe's anchors are invalid: {prepared}")
+    ev.restore()
+
+    def candidate(i: int) -> Dict[str, torch.Tensor]:
+        flat = recipe.rows().slice(i, i + 1).materialise(prepared, device)
+        return {n: t[0] for n, t in prepared.unflatten(flat, torch.float32).items()}
+    return candidate
+
+
+def evotorch_problem(module: torch.nn.Module, data, metrics, pop: Population, device: torch.device):
+    """EvoTorch's vectorised `Problem` over `pop`'s matrix: (evaluate(), fitness of row i), or the note that
+    says why there is none. Its fitness is the first metric, each batch weighted by its size."""
+    try:
+        from evotorch import Problem
+        from evotorch.neuroevolution.net import make_functional_module
+    except ImportError as e:
+        if getattr(e, "name", None) == "evotorch":
+            return None, EVOTORCH_MISSING
+        return None, f"evotorch not importable ({first_line(e)})"
+    logging.getLogger("evotorch").setLevel(logging.WARNING)  # its INFO lines go to stdout (--json reads it)
+    fnet = make_functional_module(module, disable_autograd_tracking=True)
+    if fnet.parameter_length != pop.matrix.shape[1]:
+        return None, f"EvoTorch counts {fnet.parameter_length} parameters, the population has {pop.matrix.shape[1]}"
+    with torch.no_grad():
+        name = next(iter(metrics(module(data[0][0]), data[0][1])))
+    total = sum(int(y.shape[0]) for _, y in data)
+
+    def fitness(matrix: torch.Tensor) -> torch.Tensor:
+        out = 0.0
+        for x, y in data:
+            outputs = torch.func.vmap(fnet, in_dims=(0, None))(matrix, x)
+            out = out + torch.func.vmap(lambda o: metrics(o, y)[name])(outputs) * (int(y.shape[0]) / total)
+        return out
+
+    problem = Problem("min", fitness, solution_length=pop.matrix.shape[1], initial_bounds=(-1.0, 1.0),
+                      vectorized=True, device=device, dtype=torch.float32)
+    batch = problem.generate_batch(len(pop))
+    batch.set_values(pop.matrix)
+
+    def run() -> None:
+        _evaluate_in_slices(problem, batch, len(pop))
+
+    def row(i: int) -> Dict[str, Optional[float]]:
+        return {name: float(torch.as_tensor(batch.evals[i, 0]))}
+    return (run, row), ""
+
+
+def _evaluate_in_slices(problem, batch, k: int) -> None:
+    """The whole population in one call, as EvoTorch users run it; in halves while that runs out of memory."""
+    size = k
+    while True:
+        try:
+            for start in range(0, k, size):
+                problem.evaluate(batch[start:start + size])
+            return
+        except Exception as e:  # noqa: BLE001 - only running out of memory is retried
+            if not is_out_of_memory(e) or size == 1:
+                raise
+            size = max(1, size // 2)
+
+
+def measure_forms(result: "Result", spec: "BenchModel", module, data, a, d, alphas: torch.Tensor,
+                  dev: torch.device, log: Callable[[str], None]) -> None:
+    """Fill `result.forms` (and its notes and checks): every candidate form on one population, side by side."""
+    kind = "cuda" if dev.type == "cuda" else "cpu"
+    width = sum(p.numel() for p in module.parameters())
+    k = max(2, min(len(alphas), FORM_BYTES[kind] // max(4 * width, 1)))
+    result.form_candidates = k
+    pop = population(module, a, d, alphas[:k])
+    runs: Dict[str, Tuple[Callable[[], Any], Callable[[int], Dict[str, Optional[float]]]]] = {}
+
+    def engine(candidates_of: Callable[[], Any]):
+        tables: List[pa.Table] = []
+
+        def run() -> None:
+            tables[:] = [evaluate(module, candidates_of(), data, spec.metrics, device=dev)]
+        return run, lambda i: table_row(tables[0])(i)
+
+    dicts = pop.dicts()
+    runs["dicts"] = engine(lambda: dicts)
+    import sweep
+
+    stacked_class = getattr(sweep, "Stacked", None)
+    if stacked_class is None:
+        result.notes["stacked"] = result.notes["stacked_flat"] = STACKED_MISSING
+    else:
+        per_key = pop.stacked()
+        runs["stacked"] = engine(lambda: stacked_class(per_key))
+        runs["stacked_flat"] = engine(lambda: stacked_class(pop.matrix))
+    seeds = np.arange(k, dtype=np.int64)
+    noise = Noise(a, NOISE_SIGMA, seeds)
+    runs["noise"] = engine(lambda: noise)
+    problem, note = evotorch_problem(module, data, spec.metrics, pop, dev)
+    if problem is None:
+        result.notes["evotorch"] = note
+    else:
+        runs["evotorch"] = problem
+
+    noise_candidate = recipe_candidate(module, noise, data, spec.metrics, dev)
+    for form in FORMS:
+        if form not in runs:
+            continue
+        log(f"bench: {spec.name}: {FORMS[form]}")
+        run, row = runs[form]
+        run()  # warm-up: the chunk size is chosen (measured or read) for this count
+        result.forms[form] = k / _seconds(run, dev)
+        spot_check(FORMS[form], row, noise_candidate if form == "noise" else pop.row, k, module, data, spec.metrics)
+        result.checked.append(form)
+        result.form_ratio[form] = result.forms[form] / result.loop
+
+
+# -- the first call, in fresh processes -------------------------------------------------
+def first_call_child() -> None:
+    """In a fresh process (`first_call` starts it): time one Affine `sweep.evaluate`, then a second; print JSON
+    with the seconds of each and how many chunk choices the cache held before the first."""
+    spec_name, device, k, threads = json.loads(sys.argv[1])
+    torch.set_num_threads(threads)
+    spec = next(s for s in MODELS if s.name == spec_name)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    module = spec.make().to(dev).eval()
+    data = [(x.to(dev), y.to(dev)) for x, y in spec.data()]
+    a, d = _anchors(module, dev)
+    recipe = Affine(a, [d], torch.linspace(0, 1, k, device=dev)[:, None])
+    folder = chunking.cache_dir()
+    kept = len(list((folder / chunking.CHUNK_FOLDER).glob("*.json"))) if folder is not None else 0
+    first = _seconds(lambda: evaluate(module, recipe, data, spec.metrics, device=dev), dev)
+    steady = _seconds(lambda: evaluate(module, recipe, data, spec.metrics, device=dev), dev)
+    print(json.dumps({"first": first, "steady": steady, "kept": kept}))
+
+
+def first_call(spec: "BenchModel", device: str, k: int, cache: Optional[Path] = None) -> Tuple[Dict[str, float], str]:
+    """Seconds of a fresh process's first Affine `sweep.evaluate` of k rows with an empty chunk cache ("cold")
+    and with the choice that process kept ("warm"), and of the second call ("steady", the faster of the two
+    processes'); and a note when the first process kept no choice. The cache is `cache` (an empty folder) or
+    a temporary one: the user's own is neither read nor written."""
+    with tempfile.TemporaryDirectory(prefix="sweep-bench-cache-") as temporary:
+        folder = str(cache or temporary)
+        runs = [_fresh_process(spec, device, k, folder) for _ in ("cold", "warm")]
+    note = "" if runs[1]["kept"] else "the cold process kept no chunk choice, so the warm one measured again"
+    return {"cold": runs[0]["first"], "warm": runs[1]["first"], "steady": min(r["steady"] for r in runs)}, note
+
+
+def _fresh_process(spec: "BenchModel", device: str, k: int, cache: str) -> Dict[str, float]:
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, chunking.CACHE_ENV: cache,
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    code = "from sweep.bench import first_call_child; first_call_child()"
+    args = json.dumps([spec.name, device, k, torch.get_num_threads()])
+    done = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True,
+                          timeout=FIRST_CALL_TIMEOUT)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the fresh process exited with {done.returncode}: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bandwidth_and_flops(device: torch.device) -> Dict[str, float]:
@@ -133,7 +459,25 @@ def roofline_rate(module, data, metrics, ceilings: Dict[str, float]) -> float:
 
 
 def run_bench(device: str = "cpu", models: Optional[List[str]] = None, *, compile: bool = True,
-              scale: float = 1.0, log: Callable[[str], None] = lambda s: None) -> List[Result]:
+              scale: float = 1.0, log: Callable[[str], None] = lambda s: None, forms: bool = True,
+              first: bool = True) -> List[Result]:
+    """Measure every model of MODELS whose name contains one of `models` (all when None). `forms` adds the
+    candidate forms' rows (see FORMS), `first` the first call in fresh processes. Chunk sizes are measured in
+    this run, in a temporary chunk cache: the user's own is neither read nor written."""
+    with tempfile.TemporaryDirectory(prefix="sweep-bench-cache-") as folder:
+        previous = os.environ.get(chunking.CACHE_ENV)
+        os.environ[chunking.CACHE_ENV] = folder
+        try:
+            return _run_bench(device, models, compile=compile, scale=scale, log=log, forms=forms, first=first)
+        finally:
+            if previous is None:
+                os.environ.pop(chunking.CACHE_ENV, None)
+            else:
+                os.environ[chunking.CACHE_ENV] = previous
+
+
+def _run_bench(device: str, models: Optional[List[str]], *, compile: bool, scale: float,
+               log: Callable[[str], None], forms: bool, first: bool) -> List[Result]:
     dev = torch.device(device)
     kind = "cuda" if dev.type == "cuda" else "cpu"
     ceilings = bandwidth_and_flops(dev) if kind == "cuda" else None
@@ -154,37 +498,60 @@ def run_bench(device: str = "cpu", models: Optional[List[str]] = None, *, compil
         naive_loop(module, a, d, alphas[:2].tolist(), data, spec.metrics)  # warm-up
         result.loop = _rate(k_loop, lambda: naive_loop(module, a, d, alphas[:k_loop].tolist(), data, spec.metrics), dev)
 
+        def affine_row(i: int) -> Dict[str, torch.Tensor]:
+            return {n: a[n] + alphas[i] * d[n] for n in a}
+
         for precision in ("fp32", "bf16"):
             recipe = Affine(a, [d], alphas[:, None])
             # Warm-up with the same count: the chunk size is measured once per process and count.
             evaluate(module, recipe, data, spec.metrics, device=dev, precision=precision)
-            result.engine[precision] = _rate(
-                k, lambda: evaluate(module, recipe, data, spec.metrics, device=dev, precision=precision), dev)
+            seconds, table = _timed_call(
+                lambda: evaluate(module, recipe, data, spec.metrics, device=dev, precision=precision), dev)
+            result.engine[precision] = k / seconds
+            spot_check(f"Affine {precision}", table_row(table), affine_row, k, module, data, spec.metrics, precision)
+            result.checked.append(precision)
         probe = Evaluator(module, data, spec.metrics, device=dev)
         probe.run(Affine(a, [d], alphas[:, None]))
         result.strategy, result.chunk_size = probe.strategy or "", probe.chunk_size or 0
         probe.restore()
 
         if compile:
-            ev = Evaluator(module, data, spec.metrics, device=dev, precision="bf16" if kind == "cuda" else "fp32",
-                           compile=True)
+            precision = "bf16" if kind == "cuda" else "fp32"
+            ev = Evaluator(module, data, spec.metrics, device=dev, precision=precision, compile=True)
             start = time.perf_counter()
             ev.run(Affine(a, [d], alphas[: ev._chunk_hint(), None]))
             _sync(dev)
             result.compile_seconds = time.perf_counter() - start
-            result.engine["compiled"] = _rate(k, lambda: ev.run(Affine(a, [d], alphas[:, None])), dev)
+            seconds, table = _timed_call(lambda: ev.run(Affine(a, [d], alphas[:, None])), dev)
+            result.engine["compiled"] = k / seconds
             ev.restore()
+            spot_check("Affine compiled", table_row(table), affine_row, k, module, data, spec.metrics, precision)
+            result.checked.append("compiled")
+        del table
         result.ratio = {key: rate / result.loop for key, rate in result.engine.items()}
+        if forms:
+            measure_forms(result, spec, module, data, a, d, alphas, dev, log)
         if ceilings is not None:
             result.roofline = roofline_rate(module, data, spec.metrics, ceilings)
-            result.roofline_fraction = {key: rate / result.roofline for key, rate in result.engine.items()}
+            result.roofline_fraction = {key: rate / result.roofline
+                                        for key, rate in {**result.engine, **result.forms}.items()}
+        if first:
+            log(f"bench: {spec.name}: the first call, in fresh processes")
+            try:
+                result.first_call, note = first_call(spec, device, k)
+                if note:
+                    result.notes["first_call"] = note
+            except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+                result.notes["first_call"] = f"not measured: {first_line(e)}"
+            result.first_call_rate = {key: k / max(s, 1e-9) for key, s in result.first_call.items()}
+            result.first_call_ratio = {key: rate / result.loop for key, rate in result.first_call_rate.items()}
         results.append(result)
     return results
 
 
 def environment(device: str) -> Dict[str, Any]:
     info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+            "machine": platform.machine(), "processor": chunking.device_name(torch.device("cpu"))}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -209,6 +576,36 @@ def format_table(results: List[Result], env: Dict[str, Any]) -> str:
     if compiled:
         lines.append("compile time (first chunk, apart from the figures above): "
                      + ", ".join(f"{r.model.split(' ')[0]} {r.compile_seconds:.1f} s" for r in compiled))
+    formed = [r for r in results if r.form_candidates]
+    if formed:
+        lines.append("")
+        lines.append("candidate forms on one population of K candidates, fp32: candidates/s (× the naive loop)")
+        header = f"{'model':<36}{'K':>8}" + "".join(f"{title:>20}" for title in FORMS.values())
+        lines.append(header)
+        lines.append("-" * len(header))
+        for r in formed:
+            cells = [f"{r.forms[f]:>11,.0f} ({r.form_ratio[f]:>5.1f}×)" if f in r.forms else "–" for f in FORMS]
+            lines.append(f"{r.model:<36}{r.form_candidates:>8,}" + "".join(f"{c:>20}" for c in cells))
+    firsts = [r for r in results if r.first_call]
+    if firsts:
+        lines.append("")
+        lines.append("the first sweep.evaluate in a fresh process (Affine, fp32, K rows): candidates/s (× the naive loop)")
+        titles = {"cold": "cold chunk cache", "warm": "warm chunk cache", "steady": "second call"}
+        header = f"{'model':<36}{'K':>8}" + "".join(f"{t:>24}" for t in titles.values())
+        lines.append(header)
+        lines.append("-" * len(header))
+        for r in firsts:
+            cells = [f"{r.first_call_rate[key]:>9,.0f} ({r.first_call_ratio[key]:>5.1f}×) {r.first_call[key]:.2f}s"
+                     for key in titles]
+            lines.append(f"{r.model:<36}{r.candidates:>8,}" + "".join(f"{c:>24}" for c in cells))
+    checked = [r for r in results if r.checked]
+    if checked:
+        lines.append(f"checked equal to the functional_call loop on the first, middle and last rows (relative "
+                     f"{SPOT_RTOL['fp32']:g} in fp32, {SPOT_RTOL['bf16']:g} with bf16 weights): "
+                     + "; ".join(f"{r.model.split(' ')[0]} {', '.join(r.checked)}" for r in checked))
+    noted = sorted({(r.model.split(' ')[0], key, note) for r in results for key, note in r.notes.items()})
+    for model, key, note in noted:
+        lines.append(f"{model} {FORMS.get(key, key.replace('_', ' '))}: {note}")
     roof = [r for r in results if r.roofline]
     if roof:
         lines.append("bf16 roofline floor (max of weight traffic and FLOPs at the measured ceilings):")
@@ -218,10 +615,11 @@ def format_table(results: List[Result], env: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(device: str, as_json: bool, models: Optional[List[str]], compile: bool, scale: float) -> int:
+def main(device: str, as_json: bool, models: Optional[List[str]], compile: bool, scale: float, *,
+         forms: bool = True, first: bool = True) -> int:
     env = environment(device)
     results = run_bench(device, models, compile=compile, scale=scale,
-                        log=lambda s: print(s, file=sys.stderr, flush=True))
+                        log=lambda s: print(s, file=sys.stderr, flush=True), forms=forms, first=first)
     if as_json:
         print(json.dumps({"environment": env, "results": [asdict(r) for r in results]}, indent=2))
     else:

@@ -1,8 +1,10 @@
 """Evaluate many candidates against one shared module, a chunk at a time.
 
-Candidates (explicit dicts, or a recipe's rows) are materialised as stacked
-tensors on the device, one `[k, *shape]` tensor per parameter, and evaluated
-with `vmap(functional_call)` in one pass per data batch. A module that does not
+Candidates (explicit dicts, a `Stacked` population, or a recipe's rows) are
+materialised as stacked tensors on the device, one `[k, *shape]` tensor per
+parameter, and evaluated with `vmap(functional_call)` in one pass per data
+batch. Explicit dicts are checked one by one on their metadata only; the value
+checks (finite, tied weights) run once per chunk on the stacked tensors. A module that does not
 vmap is detected on its first chunk and evaluated with the per-candidate loop
 from then on, with a warning that says why; a metrics function that does not
 vmap (one that calls `.item()`, say) keeps the forward under vmap and runs the
@@ -23,12 +25,14 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from .chunking import Trial, choose_chunk_size
+from .chunking import Trial, callable_id, choose_chunk_size, chunk_key
+from .chunking import forget as forget_chunk_size
 from .errors import SweepError
 from .messages import first_line
 from .recipes import Prepared, Recipe, Rows, anchor_key
+from .stacked import Population, Stacked
 from .types import FAILED, INVALID, OK, Batch, Invalid, MetricsFn
-from .validate import Schema
+from .validate import FastCheck, Plan, Schema, bad_rows
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: A row bounded below this fraction of the dtype's largest value cannot overflow when cast.
@@ -48,7 +52,8 @@ def evaluate(
 ) -> pa.Table:
     """Evaluate each candidate against `module` on `data`.
 
-    `candidates` is an iterable of parameter dicts or a recipe (`Affine`,
+    `candidates` is an iterable of parameter dicts, a `Stacked` population
+    (`[K, *shape]` tensors, or a `[K, P]` matrix), or a recipe (`Affine`,
     `Noise`). Returns one row per candidate, in input order: `candidate_id`
     (0…N−1), `status` (`ok` | `invalid` | `failed`), `error` (null when ok),
     the recipe's columns, and one float64 column per metric (null when the row
@@ -167,6 +172,7 @@ class Evaluator:
         self.compile = compile
         self.chunk_size = chunk_size
         self.schema = Schema(module)
+        self._fast = FastCheck(self.schema, self.device)
         cast = self._cast
         move = lambda v: cast(v.to(self.device)) if isinstance(v, torch.Tensor) else v  # noqa: E731
         self.batches: List[Tuple[Any, Any, int]] = []
@@ -217,7 +223,7 @@ class Evaluator:
         return self.metric_names  # type: ignore[return-value]
 
     def run(self, candidates: Any, ids: Optional[Sequence[int]] = None, *, timing: bool = False) -> pa.Table:
-        """Evaluate candidates (dicts or a recipe); returns the results table (see `evaluate`).
+        """Evaluate candidates (dicts, a `Stacked` population or a recipe); returns the results table (see `evaluate`).
 
         `ids` replaces 0…N−1 as `candidate_id`; `timing` adds `eval_seconds`.
         """
@@ -229,6 +235,8 @@ class Evaluator:
                 return self.run_rows(candidates.rows(), key, ids, timing=timing)
             finally:
                 del self._anchors[key]
+        if isinstance(candidates, Stacked):
+            return self._run_stacked(candidates, ids, timing)
         chunks = []
         limit = len(candidates) if hasattr(candidates, "__len__") else None
         iterator = iter(candidates)
@@ -237,8 +245,7 @@ class Evaluator:
             size = self._chunk_hint(limit)
             items: List[Any] = []
             try:
-                for candidate in islice(iterator, size):
-                    items.append(candidate)
+                items.extend(islice(iterator, size))  # keeps what came before an error midway
             except Exception as e:  # noqa: BLE001 - the candidates yielded before it are still evaluated
                 failure = e
             if items:
@@ -313,26 +320,144 @@ class Evaluator:
         return out
 
     def _explicit_chunk(self, items: List[Any]) -> _Chunk:
+        """A chunk of explicit candidates: each checked on its metadata (a candidate shaped like one found
+        valid before costs one comparison), the values of all checked at once on the stacked tensors, and
+        only a row that fails there checked again in full, for its error."""
         chunk = _Chunk(len(items))
-        valid: List[Tuple[int, Dict[str, torch.Tensor]]] = []
+        rows: List[int] = []
+        candidates: List[Mapping[str, Any]] = []
+        plans: List[Plan] = []
+        metadata = self._fast.metadata
         for i, candidate in enumerate(items):
             if isinstance(candidate, Invalid):
                 chunk.mark(i, INVALID, candidate.reason)
                 continue
-            params, error = self.schema.check(candidate, self.device)
+            plan, error = metadata(candidate)
             if error is not None:
                 chunk.mark(i, INVALID, error)
-            else:
-                valid.append((i, params))
-        if not valid:
+                continue
+            rows.append(i)
+            candidates.append(candidate)
+            plans.append(plan)  # type: ignore[arg-type]
+        if not rows:
             return chunk
-        keys = sorted({n for _, p in valid for n in p}, key=list(self.schema.param_names + self.schema.buffer_names).index)
-        batched = {}
-        for n in keys:
-            parts = [p[n] if n in p else self.buffers[n] for _, p in valid]
-            batched[n] = self._cast(torch.stack([t.detach().to(self.device) for t in parts]))
-        shared = self._shared(skip=keys)
-        self._evaluate_stacked(batched, shared, np.array([i for i, _ in valid]), chunk)
+        with torch.no_grad():
+            batched, finite, tied = self._stack(candidates, plans)
+            bad = bad_rows(len(rows), finite, tied)
+            errors = {j: error for j in bad if (error := self.schema.check(candidates[j], self.device)[1])}
+            for j, error in errors.items():
+                chunk.mark(rows[j], INVALID, error)
+            keep = np.arange(len(rows))
+            if errors:
+                keep = np.delete(keep, sorted(errors))
+                if not len(keep):
+                    return chunk
+                index = torch.as_tensor(keep, device=self.device)
+                batched = {n: t.index_select(0, index) for n, t in batched.items()}
+            batched = {n: self._cast(t) for n, t in batched.items()}
+        shared = self._shared(skip=batched)
+        self._evaluate_stacked(batched, shared, np.asarray(rows)[keep], chunk)
+        return chunk
+
+    def _stack(self, candidates: List[Mapping[str, Any]], plans: List[Plan]) -> Tuple[
+            Dict[str, torch.Tensor], List[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+            List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]]:
+        """The candidates' tensors stacked by canonical name on the device (a buffer a candidate does not give
+        is the module's own), and the value checks to make on them (see `sweep.validate.bad_rows`)."""
+        finite: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        tied: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
+        batched: Dict[str, torch.Tensor] = {}
+        distinct = {id(p): p for p in plans}
+        if len(distinct) == 1:  # one shape of candidate (the usual population): one list per key
+            plan = plans[0]
+            for name, key in plan.chosen:  # one device per key: the signature holds it
+                batched[name] = torch.stack([c[key] for c in candidates]).to(self.device)
+            finite = [(batched[name], None) for name in plan.finite]
+            for name, key in plan.tied:
+                tied.append((batched[name], torch.stack([c[key] for c in candidates]).to(self.device), None))
+            return batched, finite, tied
+        keys = {pid: dict(p.chosen) for pid, p in distinct.items()}
+        order = {n: i for i, n in enumerate(self.schema.param_names + self.schema.buffer_names)}
+        names = sorted({n for p in distinct.values() for n, _ in p.chosen}, key=order.__getitem__)
+        checked = {n for p in distinct.values() for n in p.finite}
+        for name in names:
+            parts: List[torch.Tensor] = []
+            given: List[int] = []
+            for j, (c, p) in enumerate(zip(candidates, plans)):
+                key = keys[id(p)].get(name)
+                if key is None:
+                    parts.append(self.buffers[name])
+                else:
+                    parts.append(c[key])
+                    given.append(j)
+            if len({t.device for t in parts}) > 1:
+                parts = [t.to(self.device) for t in parts]
+            batched[name] = torch.stack(parts).to(self.device)
+            if name in checked:
+                if len(given) == len(parts):
+                    finite.append((batched[name], None))
+                else:
+                    index = torch.as_tensor(given, device=self.device)
+                    finite.append((batched[name].index_select(0, index), index))
+        pairs = sorted({pair for p in distinct.values() for pair in p.tied})
+        for name, key in pairs:
+            given = [j for j, p in enumerate(plans) if (name, key) in p.tied]
+            index = torch.as_tensor(given, device=self.device)
+            other = torch.stack([candidates[j][key].to(self.device) for j in given])
+            tied.append((batched[name].index_select(0, index), other, index))
+        return batched, finite, tied
+
+    def _run_stacked(self, stacked: Stacked, ids: Optional[Sequence[int]], timing: bool) -> pa.Table:
+        """A `Stacked` population, checked once per key, evaluated a chunk of views at a time."""
+        population = stacked.resolve(self.schema, self.device)
+        chunks = []
+        start = 0
+        while start < population.k:
+            stop = min(population.k, start + (self._chunk_hint(population.k) if population.error is None
+                                             else population.k))
+            t0 = time.perf_counter()
+            chunks.append((self._stacked_chunk(population, start, stop), time.perf_counter() - t0))
+            start = stop
+        return self._table(chunks, ids, {}, timing)
+
+    def _stacked_chunk(self, population: Population, start: int, stop: int) -> _Chunk:
+        """Rows `start:stop` of a population: their values checked once per key, a row that fails checked
+        in full for its error (the one its candidate dict would get), the others evaluated."""
+        k = stop - start
+        chunk = _Chunk(k)
+        plan = population.plan
+        if plan is None:  # a flat matrix that does not fit the module: every row has its error
+            for i in range(k):
+                chunk.mark(i, INVALID, population.error)  # type: ignore[arg-type]
+            return chunk
+        key_of = dict(plan.chosen)
+        with torch.no_grad():
+            views, copies = population.chunk(start, stop)
+            bad = bad_rows(k, [(views[key_of[name]], None) for name in plan.finite],
+                           [(views[key_of[name]], views[key], None) for name, key in plan.tied])
+            errors = {i: error for i in bad
+                      if (error := self.schema.check(population.row(views, i), self.device)[1])}
+            if population.error is not None:  # the metadata is wrong: every row is invalid
+                for i in range(k):
+                    chunk.mark(i, INVALID, errors.get(i, population.error))
+                return chunk
+            for i, error in errors.items():
+                chunk.mark(i, INVALID, error)
+            keep = np.arange(k)
+            index = None
+            if errors:
+                keep = np.delete(keep, sorted(errors))
+                if not len(keep):
+                    return chunk
+                index = torch.as_tensor(keep, device=self.device)
+            batched = {}
+            for name, key in plan.chosen:
+                t = views[key] if index is None else views[key].index_select(0, index)
+                cast = self._cast(t)
+                # A view of the caller's tensor is copied: a forward that writes to its weights must not
+                # write to the caller's (and the copy is contiguous, which the vmapped call prefers).
+                batched[name] = cast.clone() if cast is t and index is None and key not in copies else cast
+        self._evaluate_stacked(batched, self._shared(skip=batched), keep, chunk)
         return chunk
 
     def _prepare(self, anchors: Mapping[str, Mapping[str, Any]]) -> Any:
@@ -405,10 +530,20 @@ class Evaluator:
         return chunk
 
     # -- evaluating a stacked chunk -------------------------------------------
+    #: The key and the size of a chunk size chosen by `sweep.chunking`, while the evaluator keeps to it.
+    _auto_chunk: Optional[Tuple[str, int]] = None
+
     def _chunk_hint(self, limit: Optional[int] = None) -> int:
-        """The chunk size, measured on first use; `limit` (the candidates at hand) caps the trials."""
+        """The chunk size, measured on first use or read from what an earlier process measured (see
+        `sweep.chunking`); `limit` (the candidates at hand) caps the trials."""
         if self.chunk_size is None:
-            self.chunk_size, self.strategy, self.strategy_reason = choose_chunk_size(self.trial(), limit)
+            trial = self.trial()
+            self.chunk_size, self.strategy, self.strategy_reason = choose_chunk_size(trial, limit)
+            self._auto_chunk = (chunk_key(trial, limit), self.chunk_size)
+        elif self._auto_chunk is not None and self.chunk_size < self._auto_chunk[1]:
+            # The chosen chunk ran out of memory here and was halved: the next process measures again.
+            forget_chunk_size(self._auto_chunk[0])
+            self._auto_chunk = None
         return self.chunk_size
 
     def trial(self) -> Trial:
@@ -430,8 +565,7 @@ class Evaluator:
             return type(value).__name__
 
         data = tuple((shapes(x), shapes(y)) for x, y, _ in self.batches[:2])
-        key = (data, len(self.batches), str(self.dtype), self.compile,
-               getattr(self.metrics, "__qualname__", repr(self.metrics)))
+        key = (data, len(self.batches), str(self.dtype), self.compile, callable_id(self.metrics))
         return Trial(
             module=self.module, device=self.device, example=first[0][0], key=key, candidate=candidate,
             loop=lambda stacked, shared: self._loop_row(stacked, shared, 0, batches=first),

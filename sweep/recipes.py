@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from . import noise
 from .types import ParamDict
 
 AnchorSet = Dict[str, Dict[str, torch.Tensor]]
@@ -23,7 +24,7 @@ AnchorSet = Dict[str, Dict[str, torch.Tensor]]
 
 #: Above this many directions an Affine chunk is one addmm; below, one addcmul per direction.
 ADDMM_DIRECTIONS = 4
-#: Seeds of `Noise` candidates must fit a torch generator seed.
+#: Seeds of `Noise` candidates: non-negative int64 (the noise table reads each as a 64-bit word).
 MAX_SEED = 2**63 - 1
 
 
@@ -211,14 +212,13 @@ class NoiseRows:
         base = prepared.flats["base"]
         if out is None:
             out = torch.empty((len(self), base.numel()), dtype=torch.float32, device=device)
-        generator = torch.Generator(device=device)
-        for i, seed in enumerate(self.seeds.tolist()):
-            generator.manual_seed(int(seed))
-            torch.randn(base.numel(), generator=generator, device=device, out=out[i])
-        return out.mul_(self.sigma).add_(base)
+        noise.epsilon(self.seeds, base.numel(), device, out=out)
+        return torch.add(base, out, alpha=self.sigma, out=out)
 
     def bound(self, prepared: Prepared, device: torch.device) -> Optional[torch.Tensor]:
-        return None  # Gaussian noise has no bound: every row gets the NaN/inf check
+        # Every ε is read from the table, so |base + sigma·ε| ≤ max|base| + |sigma|·max|ε|.
+        bound = prepared.absmax["base"].to(device, torch.float64) + abs(self.sigma) * noise.largest(device)
+        return torch.nan_to_num(bound, nan=float("inf")).expand(len(self))
 
 
 #: Above this |cos| between two tensors SLERP falls back to linear interpolation (mergekit's threshold).
@@ -319,27 +319,45 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def elect_and_merge(tau: torch.Tensor) -> torch.Tensor:
-    """TIES' sign election and disjoint mean of [N, P] task vectors → [P].
+    """TIES' sign election and disjoint mean of [N, P] task vectors → [P] ([k, N, P] → [k, P], row by row).
 
     Each parameter's sign is that of the sum of the task vectors; where that
     sum is zero, the majority of the elected signs (TIES' reference code),
     and + where the majority is a tie too (as mergekit). The merged value is
     the mean of the entries that agree with it, zeros not counted.
     """
-    sign = torch.sign(tau.sum(dim=0))
-    majority = torch.sign(sign.sum())
-    if majority == 0:
-        majority = torch.ones_like(majority)
-    sign = torch.where(sign == 0, majority, sign)
+    sign = torch.sign(tau.sum(dim=-2))
+    majority = torch.sign(sign.sum(dim=-1, keepdim=True))
+    majority = torch.where(majority == 0, torch.ones_like(majority), majority)
+    sign = torch.where(sign == 0, majority, sign).unsqueeze(-2)
     agree = torch.where(sign > 0, tau > 0, tau < 0)
     selected = tau * agree
-    counts = agree.sum(dim=0).clamp(min=1)
-    return selected.sum(dim=0) / counts
+    counts = agree.sum(dim=-2).clamp(min=1)
+    return selected.sum(dim=-2) / counts
 
 
-def dare(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: each entry of [N, P] kept with probability `density` and the kept ones rescaled by 1/density."""
-    keep = torch.rand(tau.shape, generator=generator, device=tau.device) < density
+#: Values of the [rows, N, P] DARE'd task vectors one step of a merge chunk holds (16 MiB in float32).
+DARE_BLOCK_VALUES = 2**22
+
+
+def dare_keep(seeds: Any, densities: Any, shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+    """DARE's masks: [k, *shape] bool, entry kept iff ε(seeds[r]) < Φ⁻¹(densities[r]) (`sweep.noise`).
+
+    Row r reads ε(seeds[r], prod(shape)) from the shared noise table — the
+    values a `Noise` candidate with that seed adds — in row-major order of
+    `shape`; each entry is kept with probability densities[r].
+    """
+    size = int(np.prod(shape)) if len(shape) else 1
+    eps = noise.epsilon(seeds, size, device)
+    limits = [noise.keep_threshold(float(d)) for d in np.asarray(densities, np.float64).reshape(-1)]
+    limits_t = torch.tensor(limits, dtype=torch.float32).to(eps.device)
+    return (eps < limits_t[:, None]).view((eps.shape[0],) + tuple(shape))
+
+
+def dare(tau: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """DARE of [N, P] task vectors: each entry kept with probability `density` (the mask of `seed`, see
+    `dare_keep`), the kept ones rescaled by 1/density."""
+    keep = dare_keep([seed], [density], tau.shape, tau.device)[0]
     return torch.where(keep, tau / density, torch.zeros_like(tau))
 
 
@@ -351,7 +369,9 @@ class MergeRows:
     - `ties`: base + λ · disjoint mean of the sign-elected, trimmed task vectors.
     - `dare`: base + Σ_i λ_i · DARE(τ_i) (λ_i = λ unless `lambdas` is [k, N]).
     - `dare_ties`: base + λ · disjoint mean of the sign-elected DARE'd task vectors.
-    DARE's masks come from a generator seeded with the row's seed, on the device.
+    DARE's masks come from the shared noise table (`sweep.noise`): row r keeps entry
+    (i, p) iff ε(seeds[r], N·P)[i·P + p] < Φ⁻¹(density), so a row is rebuilt from its
+    seed alone (`dare_keep`), and a block of rows is one read of the table.
     """
 
     method: str
@@ -389,23 +409,26 @@ class MergeRows:
         tau = prepared.flats["directions"]
         if out is None:
             out = torch.empty((len(self), base.numel()), dtype=torch.float32, device=device)
-        generator = torch.Generator(device=device)
-        for i in range(len(self)):
-            density = float(self.densities[i])
-            if self.method == "ties":
-                key = ("ties", density)
+        if self.method == "ties":
+            for i in range(len(self)):
+                key = ("ties", float(self.densities[i]))
                 if key not in prepared.cache:
-                    prepared.cache[key] = elect_and_merge(trim(tau, density))
+                    prepared.cache[key] = elect_and_merge(trim(tau, float(self.densities[i])))
                 torch.add(base, prepared.cache[key], alpha=float(self.lambdas[i]), out=out[i])
-                continue
-            generator.manual_seed(int(self.seeds[i]))
-            dropped = dare(tau, density, generator)
+            return out
+        # DARE: the masks of a block of rows are one read of the noise table, [rows, N, P].
+        block = max(1, DARE_BLOCK_VALUES // max(1, tau.numel()))
+        for r0 in range(0, len(self), block):
+            r1 = min(len(self), r0 + block)
+            keep = dare_keep(self.seeds[r0:r1], self.densities[r0:r1], tau.shape, device)
+            density = torch.tensor(self.densities[r0:r1], dtype=torch.float32).to(device)
+            dropped = torch.where(keep, tau / density[:, None, None], torch.zeros((), device=device))
+            lambdas = torch.tensor(self.lambdas[r0:r1], dtype=torch.float32).to(device)
             if self.method == "dare_ties":
-                torch.add(base, elect_and_merge(dropped), alpha=float(self.lambdas[i]), out=out[i])
+                torch.addcmul(base, lambdas[:, None], elect_and_merge(dropped), out=out[r0:r1])
                 continue
-            weights = torch.tensor(np.broadcast_to(self.lambdas[i], (tau.shape[0],)), dtype=torch.float32,
-                                   device=device)
-            torch.addmv(base, dropped.T, weights, out=out[i])
+            weights = lambdas if lambdas.ndim == 2 else lambdas[:, None].expand(r1 - r0, tau.shape[0])
+            torch.add(base, torch.bmm(weights.unsqueeze(1), dropped).squeeze(1), out=out[r0:r1])
         return out
 
     def bound(self, prepared: Prepared, device: torch.device) -> Optional[torch.Tensor]:
@@ -478,12 +501,15 @@ class Affine(Recipe):
 
 
 class Noise(Recipe):
-    """Candidate k is `base + sigma · ε(seeds[k])`, ε ~ N(0, I) drawn on the device.
+    """Candidate k is `base + sigma · ε(seeds[k])`, ε ~ N(0, I) read from the shared noise table.
 
-    Each candidate's noise comes from a generator seeded with its own seed, so
-    the same seed gives the same candidate on any run on the same kind of
-    device. Only floating parameters are perturbed; buffers come from `base`
-    (or the module). `base=None` perturbs the module's own parameters.
+    ε(seed) is a slice of one fixed table of N(0, 1) values (`sweep.noise`:
+    its size, how a seed picks the slice, and how candidates overlap), laid
+    over the floating parameters in the module's `named_parameters()` order.
+    The same seed gives the same candidate in any process, at any chunk size,
+    on the CPU or a GPU; `Noise.epsilon(seed, like=module)` rebuilds one
+    candidate's ε alone. Only floating parameters are perturbed; buffers come
+    from `base` (or the module). `base=None` perturbs the module's own parameters.
     """
 
     def __init__(self, base: Optional[ParamDict], sigma: float, seeds: Any):
@@ -497,6 +523,33 @@ class Noise(Recipe):
         if seeds.size and (seeds.min() < 0 or seeds.max() > MAX_SEED):
             raise ValueError("seeds must lie in [0, 2**63 − 1]")
         self.seeds = seeds.astype(np.int64)
+
+    @staticmethod
+    def epsilon(seed: int, like: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
+                device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
+        """The ε that candidate `seed` adds (times sigma) to each floating parameter, as the engine used it.
+
+        `like` is the module (its `named_parameters()`), or its parameters as
+        a mapping in that order (e.g. `dict(module.named_parameters())`); the
+        order decides which values each tensor gets. The candidate is then
+        `{name: base[name] + sigma * eps[name]}`. Float32 tensors on `device`
+        (default: the device of `like`'s first tensor, else the CPU).
+        """
+        if isinstance(like, torch.nn.Module):
+            named = [(n, p) for n, p in like.named_parameters()]
+        elif isinstance(like, Mapping):
+            named = list(like.items())
+        else:
+            raise TypeError("like must be a module or a mapping of parameter name → tensor, "
+                            f"got {type(like).__name__}")
+        floating = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if device is None:
+            device = floating[0][1].device if floating else torch.device("cpu")
+        if not MAX_SEED >= int(seed) >= 0:
+            raise ValueError(f"seed must lie in [0, 2**63 − 1], got {seed}")
+        sizes = [t.numel() for _, t in floating]
+        flat = noise.epsilon(np.array([int(seed)], np.int64), sum(sizes), device)[0]
+        return {n: part.reshape(t.shape) for (n, t), part in zip(floating, torch.split(flat, sizes))}
 
     def anchors(self) -> AnchorSet:
         return {"base": self.base}  # type: ignore[dict-item]
@@ -533,7 +586,8 @@ class Merge(Recipe):
 
     `lambdas[k]` scales the merge (dare also takes [K, N], one λ per model),
     `densities[k]` is the fraction kept (TIES: largest magnitudes; DARE: the
-    keep probability), `seeds[k]` seeds DARE's masks. Columns are `lambda`
+    keep probability), `seeds[k]` picks DARE's masks from the shared noise table
+    (`dare_keep`). Columns are `lambda`
     (or `lambda_0 …`), `density` and `seed`.
     """
 

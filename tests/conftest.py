@@ -19,6 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# The chunk-size cache stays out of the user's home during tests (Ray workers inherit this).
+os.environ["SWEEP_CACHE_DIR"] = "off"
+
 
 @pytest.fixture(scope="session")
 def repo() -> Path:

@@ -50,7 +50,7 @@ METHODS = ("task_arithmetic", "ties", "dare", "dare_ties", "uniform_soup", "gree
 SPARSE = ("ties", "dare", "dare_ties")
 #: Largest number of planned rows.
 MAX_ROWS = 10_000_000
-#: Row r of a DARE method draws its masks from seed `seed * SEED_STRIDE + candidate id`.
+#: Row r of a DARE method reads its masks from the noise table at seed `seed * SEED_STRIDE + candidate id`.
 SEED_STRIDE = 2**32
 
 

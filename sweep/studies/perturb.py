@@ -1,8 +1,9 @@
 """Study kind `perturb`: `count` seeded Gaussian perturbations of a base.
 
-Candidate k is base + sigma·ε with ε drawn on the worker's device from a
-generator seeded with `seed · 2**32 + k`, so the same config gives the same
-candidates on any run. Batches carry only seeds.
+Candidate k is base + sigma·ε(seed · 2**32 + k), ε read from the shared
+noise table (`sweep.noise`; `sweep.Noise.epsilon` rebuilds one candidate's
+ε alone), so the same config gives the same candidates on any run, worker
+and device. Batches carry only seeds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext, read_wei
 
 #: Largest `count` one sweep may ask for.
 MAX_COUNT = 1_000_000_000
-#: Candidate k of a sweep with `seed` uses generator seed `seed * SEED_STRIDE + k`.
+#: Candidate k of a sweep with `seed` reads the noise of seed `seed * SEED_STRIDE + k`.
 SEED_STRIDE = 2**32
 
 

@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-import torch
 
+import sweep
 from sweep.examples import digits
 from sweep.model import read_weights_file
 from sweep.studies import plan
@@ -50,16 +50,12 @@ def test_perturb_on_workers_is_reproducible_and_exactly_once(repo, tmp_path, ray
     assert np.allclose(t1.column("loss").to_numpy(), t2.column("loss").to_numpy(), rtol=1e-6, atol=0)
     assert len(set(t1.column("worker").to_pylist())) == 2
 
-    # Candidate 7 by hand: base + sigma * randn(seed) over the parameters in order.
+    # Candidate 7 rebuilt alone from its seed: base + sigma * ε(seed), ε from the public regeneration function.
     config = repo_config(repo, "perturb.yaml")
     base = read_weights_file(config.study.base)
     module = digits.make_model()
-    names = [n for n, _ in module.named_parameters()]
-    sizes = [base[n].numel() for n in names]
-    gen = torch.Generator().manual_seed(int(t1.column("seed")[7].as_py()))
-    eps = torch.randn(sum(sizes), generator=gen)
-    params = {n: base[n] + config.study.sigma * e.reshape(base[n].shape)
-              for n, e in zip(names, torch.split(eps, sizes))}
+    eps = sweep.Noise.epsilon(int(t1.column("seed")[7].as_py()), like=module)
+    params = {n: base[n] + config.study.sigma * e for n, e in eps.items()}
     expected = digits_reference(module, params, digits.eval_batches())
     assert t1.column("loss")[7].as_py() == pytest.approx(expected["loss"], rel=1e-5)
 

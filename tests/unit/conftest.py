@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import pytest
@@ -46,13 +48,49 @@ def reference_eval(
             m.train(training)
 
 
+_MASK64 = 2**64 - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's output function on one 64-bit word, in plain Python integers."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+@functools.lru_cache(maxsize=1)
+def noise_table() -> torch.Tensor:
+    """The documented noise table, made here on its own: randn(TABLE_SIZE) from a CPU generator."""
+    from sweep.noise import TABLE_SEED, TABLE_SIZE
+
+    return torch.randn(TABLE_SIZE, generator=torch.Generator().manual_seed(TABLE_SEED))
+
+
+def noise_by_contract(seed: int, size: int) -> torch.Tensor:
+    """ε(seed, size) as `sweep.noise` documents it, one piece and one slice at a time (no code shared)."""
+    from sweep.noise import SEGMENT, TABLE_SIZE
+
+    half = TABLE_SIZE // 2
+    table = noise_table()
+    key = splitmix64(int(seed) & _MASK64)
+    m = min(size, max(2, math.ceil(size / SEGMENT)))
+    parts = []
+    for j in range(m):
+        start, stop = j * size // m, (j + 1) * size // m
+        offset = splitmix64((key + j) & _MASK64) % (half - (stop - start) + 1)
+        first = half * (j % 2) + offset
+        parts.append(table[first: first + stop - start])
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
 def noise_by_hand(module: torch.nn.Module, base: Dict[str, torch.Tensor], sigma: float,
                   seed: int) -> Dict[str, torch.Tensor]:
-    """base + sigma·ε, ε one flat randn over the floating parameters in named_parameters() order."""
+    """base + sigma·ε, ε = ε(seed) of the documented noise table laid over the floating parameters in
+    named_parameters() order."""
     named = dict(module.named_parameters())
     names = [n for n, p in named.items() if p.is_floating_point()]
-    g = torch.Generator().manual_seed(int(seed))
-    eps = torch.randn(sum(named[n].numel() for n in names), generator=g)
+    eps = noise_by_contract(seed, sum(named[n].numel() for n in names))
     cand = {k: v.clone() for k, v in base.items()}
     offset = 0
     for n in names:

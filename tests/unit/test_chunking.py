@@ -72,13 +72,39 @@ def measure(loop_seconds: float, vmap_seconds: Callable[[int], float], budget=PL
 
 
 def test_vmap_wins_and_the_largest_chunk_within_10_percent_of_the_best_is_kept():
-    # 512 is fastest; 2048 is within 10% of it (fewer calls); 8192 is not, and its trial ends the search.
-    rates = {8: 1_000, 32: 4_000, 128: 10_000, 512: 12_000, 2048: 11_000, 8192: 5_000}
-    assert 8192 / rates[8192] > MAX_TRIAL_SECONDS
+    # 512 is fastest; 2048 is within 10% of it (fewer calls) and levels off, so 8192 is not tried.
+    rates = {8: 10_000, 32: 40_000, 128: 100_000, 512: 200_000, 2048: 190_000, 8192: 400_000}
     (chunk, strategy, reason), module = measure(0.01, at_rates(rates))
     assert (chunk, strategy) == (2048, "vmap")
-    assert reason == "vmap chunks of 2048 measured fastest (11,000/s; loop 100/s)"
-    assert set(module.chunks) == set(TRIAL_SIZES)
+    assert reason == "vmap chunks of 2048 measured fastest (190,000/s; loop 100/s)"
+    assert set(module.chunks) == {8, 32, 128, 512, 2048}
+
+
+@pytest.mark.parametrize("rates, chosen, tried", [
+    # sizes quick to try are tried whatever the rate did: 2048 falls back, 8192 (4 ms a call) is still tried
+    ({8: 100_000, 32: 400_000, 128: 1_000_000, 512: 2_000_000, 2048: 1_000_000, 8192: 4_000_000}, 8192,
+     [8, 32, 128, 512, 2048, 8192]),
+    # past the peak: 2048 would take 2048/10,000 s a call (more than CHEAP_CALL_SECONDS) after a fall (0.5×)
+    ({8: 1_000, 32: 4_000, 128: 10_000, 512: 5_000, 2048: 50_000}, 128, [8, 32, 128, 512]),
+    # levelled off: the next size would take 2048/12,000 s a call while the rate rose only 1.2×
+    ({8: 1_000, 32: 4_000, 128: 10_000, 512: 12_000, 2048: 50_000}, 512, [8, 32, 128, 512]),
+    # a steep rise (2.5×, then 4×) is followed into calls longer than CHEAP_CALL_SECONDS ...
+    ({8: 1_000, 32: 4_000, 128: 10_000, 512: 40_000, 2048: 40_000, 8192: 160_000}, 2048, [8, 32, 128, 512, 2048]),
+    # ... but never into a call predicted longer than MAX_TRIAL_SECONDS (128/400 s)
+    ({8: 150, 32: 400, 128: 1_600}, 32, [8, 32]),
+])
+def test_the_search_stops_once_larger_chunks_stop_paying(rates, chosen, tried):
+    (chunk, strategy, _), module = measure(10.0, at_rates(rates))
+    assert (chunk, strategy) == (chosen, "vmap")
+    assert sorted(set(module.chunks)) == tried
+
+
+def test_the_stopping_rules_are_what_the_cases_above_assume():
+    assert (chunking.KEEP_FRACTION, chunking.STRONG_GAIN) == (0.9, 1.5)
+    assert 8192 / 2_000_000 < chunking.CHEAP_CALL_SECONDS < min(2048 / 12_000, 2048 / 10_000, 512 / 10_000)
+    assert 2048 / 200_000 < chunking.CHEAP_CALL_SECONDS < 8192 / 200_000
+    assert 128 / 400 > MAX_TRIAL_SECONDS > max(512 / 10_000, 2048 / 40_000, 32 / 150)
+    assert 8192 / 40_000 <= MAX_TRIAL_SECONDS
 
 
 def test_the_loop_wins_when_it_measures_faster():
@@ -108,14 +134,17 @@ def test_a_bound_below_the_smallest_trial_is_the_chunk():
     assert module.chunks == [], "nothing was tried"
 
 
-@pytest.mark.parametrize("seconds, tried", [
-    (MAX_TRIAL_SECONDS * 1.2, [8]),                 # the first trial is slower than a trial may be
-    (MAX_MEASURE_SECONDS * 0.24, [8, 32, 128, 512]),  # warm-up and four trials use up the measurement's time
+@pytest.mark.parametrize("seconds, tried, calls", [
+    # the first trial's call is slower than a call may be: timed once, and the search ends
+    (MAX_TRIAL_SECONDS * 1.2, [8], 1),
+    # two calls a size (0.12 s of the 0.5 s), the rate rising 4× a size: five sizes use up the measurement's time
+    (MAX_MEASURE_SECONDS * 0.12, [8, 32, 128, 512, 2048], 2 * 5),
 ])
-def test_slow_trials_end_the_search(seconds, tried):
+def test_slow_trials_end_the_search(seconds, tried, calls):
     (chunk, strategy, _), module = measure(10.0, lambda k: seconds)
     assert (chunk, strategy) == (tried[-1], "vmap")  # same time per chunk: the largest tried is fastest
     assert sorted(set(module.chunks)) == tried
+    assert len(module.chunks) == calls, "each size is called at least twice, unless one call is already too slow"
 
 
 def test_a_module_that_does_not_vmap_leaves_the_choice_to_the_first_chunk():
@@ -143,6 +172,20 @@ def test_timed_keeps_the_best_of_calls_that_add_up_to_the_trial_time():
     assert next(costs) == 0.001, "no call after the total reached min_seconds"
 
 
+def test_timed_makes_a_second_call_at_a_new_size_unless_the_first_is_too_slow():
+    clock = Clock()
+    costs = iter([0.05, 0.01, 0.3, 0.2])
+
+    def call():
+        clock.now += next(costs)
+
+    # the first call (allocations at a new size) took the whole minimum time: a second still counts
+    assert chunking._timed(call, min_seconds=0.004, clock=clock, min_calls=2) == pytest.approx(0.01)
+    # a call slower than MAX_TRIAL_SECONDS is not repeated
+    assert chunking._timed(call, min_seconds=0.004, clock=clock, min_calls=2) == pytest.approx(0.3)
+    assert next(costs) == 0.2
+
+
 class CountsCalls(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -157,8 +200,9 @@ class CountsCalls(torch.nn.Module):
         return x @ self.w
 
 
-def test_the_choice_is_measured_once_and_trials_stop_at_the_candidates_at_hand(monkeypatch):
+def test_the_choice_is_measured_once_and_trials_stop_at_the_candidates_at_hand(monkeypatch, tmp_path):
     monkeypatch.setattr(chunking, "_CHOSEN", {})
+    monkeypatch.setenv(chunking.CACHE_ENV, str(tmp_path))
     module = CountsCalls()
     ev = Evaluator(module, data(), metrics)
     first = choose_chunk_size(ev.trial(), limit=7)
