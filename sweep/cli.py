@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .config import load_config
 from .errors import ConfigError, SweepError
@@ -16,6 +17,11 @@ from .messages import first_line
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+
+#: A row's error is printed in at most this many characters at the end of a run (the results keep it whole).
+MAX_ERROR_SHOWN = 300
+#: Rows with one error are printed once, naming at most this many of their candidate ids.
+MAX_IDS_SHOWN = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a run's results (streamed; nothing is loaded whole)")
     show.add_argument("run", help="a run folder (runs/<name>), a results folder or a results URI")
     show.add_argument("--top", type=int, default=None, help=f"at most N rows (table default: {20})")
-    show.add_argument("--by", default=None, metavar="COLUMN", help="order by this column, best first for the objective")
+    show.add_argument("--by", default=None, metavar="COLUMN", help="order by this column: best first when it is the run's objective (the mode the "
+                           "results record), smallest first for any other column; --desc or --asc to choose")
     order = show.add_mutually_exclusive_group()
     order.add_argument("--desc", dest="descending", action="store_true", default=None, help="largest first")
     order.add_argument("--asc", dest="descending", action="store_false", help="smallest first")
@@ -127,12 +134,13 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .studies import plan
-    from .studies.base import StudyContext
+    from .preflight import plan_checked
 
     config = load_config(args.config, args.overrides)
-    study = plan(config.study, StudyContext.from_config(config))
-    print(f"{args.config}: ok — study '{config.study.kind}' with {len(study)} candidates")
+    checked = plan_checked(config)  # the weights files against the module: no Ray, no MLflow
+    for line in checked.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    print(f"{args.config}: ok — study '{config.study.kind}' with {len(checked.study)} candidates")
     return EXIT_OK
 
 
@@ -185,16 +193,61 @@ def _report(result, config) -> int:
         print(f"  {key}: {value:.6g}" if isinstance(value, (int, float)) else f"  {key}: {value}")
     if s.get("worker_replacements") or s.get("batch_retries"):
         print(f"  {s['worker_replacements']} workers replaced, {s['batch_retries']} batches re-run")
-    for p in result.problems:
-        label = next((str(v) for k, v in p.items() if k not in ("candidate_id", "status", "error")), "")
-        print(f"  {p['status']} candidate {p['candidate_id']}{' ' + label if label else ''}: {p['error']}")
+    for line in _problem_lines(result, config is None or config.sinks.parquet.enabled):
+        print(line)
     print(f"results: {result.results_dir}")
     if result.mlflow_run_id:
         experiment = (config.sinks.mlflow.experiment or config.name) if config is not None else result.name
-        print(f"MLflow run: {result.mlflow_run_id} (experiment '{experiment}'; look at it with `mlflow ui`)")
+        uri = result.mlflow_tracking_uri
+        ui = f"mlflow ui --backend-store-uri {uri}" if uri else "mlflow ui"
+        print(f"MLflow run: {result.mlflow_run_id} (experiment '{experiment}'; look at it with `{ui}`)")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def _problem_lines(result, stored: bool) -> List[str]:
+    """The rows that were not ok (`result.problems`, the first few), rows with one error together: the count,
+    the candidate ids (the first MAX_IDS_SHOWN) and the error cut to MAX_ERROR_SHOWN characters; then, when
+    an error was cut or rows were left out and the results were `stored`, where to read them whole."""
+    from .preflight import shown_path
+
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for p in result.problems:
+        groups.setdefault((str(p["status"]), str(p["error"])), []).append(p)
+    lines, cut = [], False
+    for (status, error), rows in groups.items():
+        if len(rows) == 1:
+            p = rows[0]
+            label = next((str(v) for k, v in p.items() if k not in ("candidate_id", "status", "error")), "")
+            head = f"{status} candidate {p['candidate_id']}{' ' + label if label else ''}"
+        else:
+            ids = ", ".join(str(p["candidate_id"]) for p in rows[:MAX_IDS_SHOWN])
+            head = f"{len(rows)} {status} candidates ({ids}{', …' if len(rows) > MAX_IDS_SHOWN else ''})"
+        shown = _shorten(error, MAX_ERROR_SHOWN)
+        cut = cut or shown != error
+        lines.append(f"  {head}: {shown}")
+    s = result.summary
+    not_ok = s.get("invalid", 0) + s.get("failed", 0)
+    more = not_ok > len(result.problems)
+    if stored and (cut or more):
+        which = f"the first {len(result.problems)} of {not_ok:,} rows that are not ok; all" if more else "full text"
+        where = "status != 'ok'"
+        lines.append(f"  {which}: sweep show {shlex.quote(shown_path(str(result.run_dir)))} --where \"{where}\" "
+                     f"--columns candidate_id,status,error --format csv")
+    return lines
+
+
+def _shorten(text: str, limit: int) -> str:
+    """`text` whole when it has at most `limit` characters; else its beginning, cut after a '; ' where one is
+    near, and how long it is."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    boundary = head.rfind("; ")
+    if boundary >= limit // 2:
+        head = head[:boundary + 1]
+    return f"{head.rstrip()} … ({len(text):,} characters)"
 
 
 if __name__ == "__main__":

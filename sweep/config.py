@@ -30,7 +30,7 @@ from .config_errors import describe_errors
 from .errors import ConfigError
 from .files import resolve_file
 from .messages import first_line, kind_of, one_line, short
-from .model import import_callable
+from .model import import_callable, missing_module_hint
 from .settings import (MAX_BATCH_SIZE, MAX_IN_FLIGHT, MAX_INT64, MAX_WORKER_RESOURCE, MAX_WORKERS, Float, ImportPath,
                        Int, Kwargs, Section, Text, leaves)
 from .sinks import SINKS, enabled_sinks
@@ -61,12 +61,35 @@ class DataSection(Section):
     kwargs: Kwargs = Field(default_factory=dict)
 
 
+#: `metrics.describe`: longest description of one metric (it goes into figure labels), and most metrics described.
+MAX_DESCRIPTION_CHARS = 60
+MAX_DESCRIBED_METRICS = 64
+
+
 class MetricsSection(Section):
     """The metrics function and which metric ranks candidates."""
 
     function: ImportPath = Field(description="'package.module:function', metrics(output, y) -> {name: scalar}")
     objective: Optional[Text] = Field(None, min_length=1, description="metric that ranks candidates (default: the first one)")
     mode: Literal["min", "max"] = Field("min", description="whether lower or higher objective is better")
+    describe: Dict[Text, Text] = Field(
+        default_factory=dict, exclude_if=lambda value: not value,  # left out when empty: digests stay as they were
+        description="what each metric is, for the report's labels, e.g. "
+        "{loss: 'cross-entropy, nats'} (default: the metrics function's own `describe` dict, if it has one)")
+
+    @field_validator("describe")
+    @classmethod
+    def _describe(cls, value: Dict[str, str]) -> Dict[str, str]:
+        if len(value) > MAX_DESCRIBED_METRICS:
+            raise ValueError(f"describe at most {MAX_DESCRIBED_METRICS} metrics, got {len(value)}")
+        for name, text in value.items():
+            if not name.strip():
+                raise ValueError("a metric name must not be empty")
+            if not text.strip() or "\n" in text or len(text) > MAX_DESCRIPTION_CHARS:
+                raise ValueError(f"{name!r}: give one line of 1 to {MAX_DESCRIPTION_CHARS} characters (it goes "
+                                 f"into figure labels, e.g. 'cross-entropy, nats'), got {len(text)} characters: "
+                                 f"{short(text)}")
+        return value
 
 
 class EvaluationSection(Section):
@@ -263,7 +286,9 @@ def parse_config(raw: Dict[str, Any], *, base_dir: Path, source: str = "config",
             try:
                 import_callable(spec)
             except (Exception, SystemExit) as e:  # an import error in the user's module is theirs to read
-                raise ConfigError(one_line(f"{source}: {section}.{field}: {first_line(e)}")) from None
+                hint = missing_module_hint(e, spec, base_dir)
+                message = f"{source}: {section}.{field}: {first_line(e)}" + (f". {hint}" if hint else "")
+                raise ConfigError(one_line(message)) from None
     return config
 
 

@@ -17,6 +17,7 @@ import os
 import pickle
 import stat
 import struct
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -56,6 +57,44 @@ def import_object(spec: str) -> Any:
         except AttributeError:
             raise ImportError(f"module '{module_name}' has no attribute '{attr}' (from {spec!r})") from None
     return obj
+
+
+def missing_module_hint(error: BaseException, spec: str, config_dir: Optional[Path] = None) -> str:
+    """Where Python looked for the module of `spec` when that module itself is not found (not a package it
+    imports), and how to put a folder on the path; "" for any other import error. A folder that holds the
+    module (the config's own, or the working directory, which the `sweep` command does not put on the path)
+    is named with the PYTHONPATH that finds it."""
+    cause = error.__cause__ if isinstance(error.__cause__, ModuleNotFoundError) else error
+    module_name = spec.partition(":")[0]
+    top = module_name.split(".")[0]
+    if not isinstance(cause, ModuleNotFoundError) or cause.name not in (top, module_name):
+        return ""
+    cwd = os.getcwd()
+    own = list(dict.fromkeys(cwd if entry in ("", ".") else os.path.abspath(entry) for entry in sys.path
+                             if os.path.isdir(entry or ".") and not _installed(entry)))
+    hint = (f"Python looked in {', '.join(own)}, its own library and the installed packages" if own else
+            "Python looked only in its own library and the installed packages (the `sweep` command does not "
+            "put the working directory on the path)")
+    for name, folder in (("the config's folder", config_dir), ("the working directory", cwd)):
+        if folder is None:
+            continue
+        folder = Path(folder).resolve()
+        holds = (folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file()
+        if holds and str(folder) not in own:
+            return (f"{hint}; {name} {folder} holds '{top}' but is not on the path: run with "
+                    f"PYTHONPATH={folder} (e.g. `PYTHONPATH={folder} sweep run …`), or install it as a package")
+    return f"{hint}; put the folder that holds '{top}' on PYTHONPATH, or install it as a package"
+
+
+def _installed(entry: str) -> bool:
+    """Whether a sys.path entry is Python's own (its library, its installed packages, the environment's
+    scripts), not a folder of the user's."""
+    if not entry or entry == ".":
+        return False
+    path = os.path.abspath(entry)
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    return ("site-packages" in path or "dist-packages" in path
+            or any(path == p or path.startswith(p.rstrip(os.sep) + os.sep) for p in prefixes if p not in ("/", "/usr")))
 
 
 def import_callable(spec: str) -> Callable[..., Any]:

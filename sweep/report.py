@@ -34,8 +34,8 @@ import pyarrow.compute as pc
 from .analysis import lineage
 from .analysis import metric_mode as _metric_mode
 from .errors import ConfigError, SweepError
-from .plotting import (Figure, RunView, better, column_floats, draw_each, escape, histogram, html_table,
-                       ok_rows, status_mask)
+from .plotting import (PAGE_WIDTH_PX, Figure, RunView, better, column_floats, draw_each, escape, histogram,
+                       html_table, ok_rows, status_mask)
 from .results import LEADING, LINEAGE, METRIC, RECIPE, TRAILING, roles
 from .studies import STUDIES
 from .types import FAILED, INVALID, OK
@@ -217,7 +217,29 @@ def _describe(cfg: Any, table: pa.Table, location: str, warnings: List[str], *,
         metrics = [objective] + [m for m in metrics if m != objective]
     return RunView(name=str(getattr(cfg, "name", "sweep")), kind=kind, study=study, location=location, table=table,
                    ok=ok_rows(table), recipe=recipe, lineage=lineage_columns, metrics=metrics, objective=objective,
-                   mode=mode, record=record or {}, run_dir=run_dir, warnings=warnings)
+                   mode=mode, record=record or {}, run_dir=run_dir, warnings=warnings,
+                   describe=metric_descriptions(config_metrics))
+
+
+def metric_descriptions(metrics: Any) -> Dict[str, str]:
+    """What each metric is ("loss" → "cross-entropy, nats"), for the figures' labels: the config's
+    `metrics.describe`, over the `describe` dict of the metrics function it names (imported here; a function
+    that does not import, or has no such dict, gives nothing, and the labels carry the bare names)."""
+    found: Dict[str, str] = {}
+    spec = getattr(metrics, "function", None)
+    if isinstance(spec, str):
+        from .model import import_object
+
+        try:
+            attribute = getattr(import_object(spec), "describe", None)
+        except Exception:  # the report runs no model: a metrics module that does not import here is no error
+            attribute = None
+        if isinstance(attribute, dict):
+            found = {k: v for k, v in attribute.items() if isinstance(k, str) and isinstance(v, str) and k and v}
+    given = getattr(metrics, "describe", None)
+    if isinstance(given, dict):
+        found.update(given)
+    return found
 
 
 # --------------------------------------------------------------------------- ranking
@@ -283,14 +305,16 @@ def _sections(run: RunView) -> List[str]:
 # --------------------------------------------------------------------------- the page
 
 
+#: The page's style. Its content is PAGE_WIDTH_PX wide, as wide as the widest figure: every figure is shown at its
+#: own size, so its text keeps its point size.
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: {page}px; color: #222; padding: 0 1em; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; } .warn { color: #a40; } pre { white-space: pre-wrap; margin: 0; }
-"""
+""".replace("{page}", str(PAGE_WIDTH_PX))
 
 
 def _counts(table: pa.Table) -> Dict[str, int]:
@@ -389,7 +413,8 @@ def _log_to_mlflow(cfg: Any, record: Dict[str, Any], folder: Path, warnings: Lis
     if not run_id:
         warnings.append("run.json names no MLflow run (the sweep never reached MLflow): the report was not logged")
         return False
-    uri = getattr(settings, "tracking_uri", None)
+    # Where the sweep logged (run.json), so a report made from another directory finds the run.
+    uri = record.get("mlflow_tracking_uri") or getattr(settings, "tracking_uri", None)
     try:
         from mlflow.tracking import MlflowClient
 

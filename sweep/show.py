@@ -7,9 +7,11 @@ location works) with the filter, order and limit pushed into the scan.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -17,27 +19,50 @@ import pyarrow as pa
 import yaml
 
 from .errors import SweepError
-from .sinks.parquet import dataset
+from .sinks.parquet import MODE_KEY, OBJECTIVE_KEY, dataset
 
 #: Rows shown by default in table format (csv and json give every row unless --top is set).
 DEFAULT_TOP = 20
 
 
 def locate(run: str) -> Tuple[str, Dict[str, Any]]:
-    """(results location, resolved config or {}) for a run folder, a results folder or a URI."""
+    """(results location, resolved config or {}) for a run folder, a results folder or a URI. A results
+    folder inside a run folder (`runs/<name>/results`) finds the run's config beside it."""
     path = Path(run)
-    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else None
     record = path / "run.json"
     if record.is_file():
-        return json.loads(record.read_text())["results"], config or {}
+        return json.loads(record.read_text())["results"], _config(path)
     if (path / "results").is_dir():
-        return str(path / "results"), config or {}
+        return str(path / "results"), _config(path)
+    if "://" not in run and path.is_dir():
+        return run, _config(path.parent)
     return run, {}
+
+
+def _config(run_dir: Path) -> Dict[str, Any]:
+    path = run_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def ranking(schema: pa.Schema, config: Dict[str, Any]) -> Tuple[Optional[str], str]:
+    """(objective, mode) of a run's results: from the results' own metadata (written since the results
+    recorded it), else from the run's config; (None, 'min') when neither says."""
+    meta = schema.metadata or {}
+    objective = meta.get(OBJECTIVE_KEY.encode())
+    if objective:
+        return objective.decode(), (meta.get(MODE_KEY.encode()) or b"min").decode()
+    metrics = config.get("metrics") if isinstance(config.get("metrics"), dict) else {}
+    return metrics.get("objective"), metrics.get("mode") or "min"
 
 
 def query(run: str, *, top: Optional[int] = None, by: Optional[str] = None, descending: Optional[bool] = None,
           where: Optional[str] = None, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    """The selected rows as an Arrow table."""
+    """The selected rows as an Arrow table. `by` orders best first when it is the run's objective (the
+    mode the results record, else the run's config), smallest first otherwise, unless `descending` says."""
     import duckdb
 
     location, config = locate(run)
@@ -49,9 +74,9 @@ def query(run: str, *, top: Optional[int] = None, by: Optional[str] = None, desc
     for name in list(columns or []) + ([by] if by else []):
         if name not in names:
             raise SweepError(f"no column {name!r} in the results; columns: {', '.join(names)}")
-    metrics = config.get("metrics") or {}
     if by and descending is None:
-        descending = by == metrics.get("objective") and metrics.get("mode") == "max"
+        objective, mode = ranking(results.schema, config)
+        descending = by == objective and mode == "max"
     select = ", ".join(_quote(c) for c in columns) if columns else "*"
     sql = f"SELECT {select} FROM results"
     if where:
@@ -65,9 +90,23 @@ def query(run: str, *, top: Optional[int] = None, by: Optional[str] = None, desc
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as e:
-        raise SweepError(f"cannot select with --where {where!r}: {str(e).splitlines()[0]}") from None
+        raise SweepError(_where_error(where, str(e), names)) from None
     finally:
         con.close()
+
+
+def _where_error(where: Optional[str], error: str, names: Sequence[str]) -> str:
+    """What is wrong with --where: a column the results lack is named with the columns there are (and the
+    closest one); anything else quotes DuckDB's first line."""
+    missing = re.search(r'Referenced column "((?:[^"]|"")+)" not found', error) or re.search(
+        r'does not have a column named "((?:[^"]|"")+)"', error)
+    if missing:
+        name = missing.group(1).replace('""', '"')
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6) or [
+            n for n in names if n.lower() == name.lower()]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"--where {where!r}: no column {name!r}{hint}; columns are {', '.join(names)}"
+    return f"cannot select with --where {where!r}: {error.splitlines()[0]}"
 
 
 def _quote(name: str) -> str:

@@ -12,15 +12,66 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # The chunk-size cache stays out of the user's home during tests (Ray workers inherit this).
 os.environ["SWEEP_CACHE_DIR"] = "off"
+
+# Hypothesis keeps its example database in memory: nothing of a test run lands in the checkout.
+settings.register_profile("sweep", database=None)
+settings.load_profile("sweep")
+
+#: What the tests may leave in the checkout: the environment they run in and Python's byte code.
+CHECKOUT_OWN = frozenset({".git", ".venv", "__pycache__", ".pytest_cache", "sweep.egg-info"})
+
+
+def checkout_files(root: Path = REPO) -> Dict[str, Tuple[int, int]]:
+    """Every file under the checkout (outside `CHECKOUT_OWN`) with its size and modification time."""
+    found: Dict[str, Tuple[int, int]] = {}
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in CHECKOUT_OWN]
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            found[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_CHECKOUT] = checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write only under their temporary folders: a file the run added to the checkout or changed
+    there (an MLflow store, `mlruns/` artifacts, a results folder) fails the run, naming the files."""
+    before = session.config.stash.get(_CHECKOUT, None)
+    if before is None:
+        return
+    after = checkout_files()
+    touched = sorted(p for p, stat in after.items() if before.get(p) != stat)
+    if touched:
+        shown = ", ".join(touched[:10]) + (f" and {len(touched) - 10} more" if len(touched) > 10 else "")
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        files = "1 file" if len(touched) == 1 else f"{len(touched)} files"
+        message = f"the tests wrote {files} into the checkout {REPO}: {shown}"
+        if reporter is not None:
+            reporter.write_sep("=", "files written outside the tests' temporary folders", red=True)
+            reporter.write_line(message)
+        else:
+            print(message, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_CHECKOUT = pytest.StashKey[Dict[str, Tuple[int, int]]]()
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +114,8 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=self.root,
+            # The server's job runner (a dozen huey consumer processes) serves nothing sweep logs.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

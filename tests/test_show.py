@@ -97,3 +97,45 @@ def test_nan_survives_json(tmp_path, capsys):
     sink.close({})
     _, out, _ = show(capsys, tmp_path / "r", "--format", "json")
     assert math.isnan(json.loads(out)[0]["m"])
+
+
+def test_a_run_folder_and_its_results_folder_order_alike(run_dir, capsys):
+    orders = []
+    for where in (run_dir, run_dir / "results"):
+        _, out, _ = show(capsys, where, "--by", "accuracy", "--top", "5", "--format", "json")
+        orders.append([r["candidate_id"] for r in json.loads(out)])
+    assert orders[0] == orders[1] == [30, 31, 28, 32, 27]
+
+
+def test_results_that_record_their_objective_order_best_first_anywhere(tmp_path, capsys):
+    """A results folder moved away from its run (no config beside it) still knows its objective and mode."""
+    from sweep.sinks.parquet import MODE_KEY, OBJECTIVE_KEY
+
+    schema = results_schema({}, ["loss", "accuracy"])
+    sink = ParquetSink(str(tmp_path / "moved"), schema, metadata={OBJECTIVE_KEY: "accuracy", MODE_KEY: "max"})
+    sink.write(pa.table({"candidate_id": pa.array([0, 1, 2], pa.int64()), "status": ["ok"] * 3, "error": [None] * 3,
+                         "loss": [0.5, 0.1, 0.9], "accuracy": [0.2, 0.9, 0.5], "worker": ["w"] * 3,
+                         "eval_seconds": [0.1] * 3}))
+    sink.close({})
+    _, out, _ = show(capsys, tmp_path / "moved", "--by", "accuracy", "--format", "json")
+    assert [r["candidate_id"] for r in json.loads(out)] == [1, 2, 0]
+    _, out, _ = show(capsys, tmp_path / "moved", "--by", "loss", "--format", "json")
+    assert [r["candidate_id"] for r in json.loads(out)] == [1, 0, 2]  # not the objective: smallest first
+
+
+def test_a_misspelt_column_in_where_names_the_columns(run_dir, capsys):
+    code, _, err = show(capsys, run_dir, "--where", "acuracy > 0.5")
+    assert code == 1
+    assert "no column 'acuracy' (did you mean 'accuracy'?); columns are candidate_id, status, error, alpha" in err
+    assert "Binder" not in err
+    code, _, err = show(capsys, run_dir, "--where", "results.lost > 0.5")
+    assert code == 1 and "no column 'lost' (did you mean 'loss'?)" in err
+    code, _, err = show(capsys, run_dir, "--where", "loss >")
+    assert code == 1 and "cannot select with --where 'loss >'" in err
+
+
+def test_the_help_states_the_order_rule(capsys):
+    with pytest.raises(SystemExit):
+        main(["show", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "best first when it is the run's objective" in help_text and "smallest first for any other column" in help_text

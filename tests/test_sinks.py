@@ -80,7 +80,9 @@ def read_mlflow(opened: Opened) -> Dict[int, float]:
     outcome = opened.sink.outcome()
     run_id = outcome["mlflow_run_id"]
     assert outcome["mlflow_missed_metrics"] == 0
-    assert run_id is not None and opened.recorded == [{"mlflow_run_id": run_id}], "run.json gets the run's id"
+    uri = opened.context.config.sinks.mlflow.tracking_uri
+    assert run_id is not None and opened.recorded == [{"mlflow_tracking_uri": uri}, {"mlflow_run_id": run_id}], \
+        "run.json gets where the run lives and the run's id"
     client = MlflowClient(tracking_uri=opened.context.config.sinks.mlflow.tracking_uri)
     run = client.get_run(run_id)
     assert run.data.tags["sweep.name"] == "contract" and run.data.params["name"] == "contract"

@@ -34,6 +34,7 @@ from sweep.config import SweepConfig, dump_config, flatten, load_config
 from sweep.errors import SweepError
 from sweep.messages import last_line
 from sweep.model import read_file_bytes, write_weights_file
+from sweep.preflight import plan_checked
 from sweep.results import Tally, failed_rows, results_schema
 from sweep.sinks import check_columns, close_sinks, open_sinks
 from sweep.sinks.base import SinkContext
@@ -59,6 +60,8 @@ class RunResult:
     summary: Dict[str, Any]
     problems: List[Dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: Optional[str] = None
+    #: the tracking URI that run lives at, absolute (also in run.json)
+    mlflow_tracking_uri: Optional[str] = None
     warnings: List[str] = field(default_factory=list)
     #: what the study found over all rows (a path's barrier, the greedy soup's value)
     findings: Dict[str, float] = field(default_factory=dict)
@@ -247,8 +250,9 @@ def run(
         if config.sinks.parquet.enabled and has_results(results) and not overwrite:
             raise SweepError(f"{results} already holds results; pass --overwrite to replace them, "
                              f"`sweep resume {run_dir}` to finish them, or change `name`")
-        # Planned before the results are touched: a study the config cannot make fails here, naming the field.
-        study = plan(config.study, StudyContext.from_config(config, run_dir))
+        # Planned before the results are touched and before Ray starts: a study the config cannot make, or
+        # whose weights files do not fit the module, fails here, naming the field and the file.
+        study = plan_checked(config, run_dir).study
         if config.sinks.parquet.enabled and has_results(results):
             clear(results, keep=CLAIM_NAMES)
         run_dir.mkdir(parents=True, exist_ok=True)

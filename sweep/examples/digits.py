@@ -108,7 +108,7 @@ def loss(output: torch.Tensor, y: torch.Tensor, label_smoothing: torch.Tensor | 
 
 
 def metrics(output: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Mean cross-entropy loss and accuracy of a batch.
+    """Mean cross-entropy loss (nats) and accuracy (fraction correct) of a batch.
 
     The loss is written as log-softmax and gather, the arithmetic of
     `F.cross_entropy`: under vmap, cross_entropy's batching rule goes through
@@ -119,6 +119,11 @@ def metrics(output: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         "loss": -F.log_softmax(output, dim=-1).gather(-1, y.unsqueeze(-1)).mean(),
         "accuracy": (output.argmax(dim=1) == y).to(torch.float32).mean(),
     }
+
+
+#: What each metric is: the report labels its axes with it ("loss (cross-entropy, nats)") when the config's
+#: `metrics.describe` does not say.
+metrics.describe = {"loss": "cross-entropy, nats", "accuracy": "fraction correct"}  # type: ignore[attr-defined]
 
 
 def train(seed: int, epochs: int, hidden: int = 64, lr: float = 0.1, batch_size: int = 64,

@@ -23,6 +23,13 @@ params, tags, summary and per-batch summaries.
 The config's keys become MLflow params and the metric names MLflow metrics:
 `check` (at load time) and `check_columns` (once the metric names are known)
 refuse names MLflow would refuse, before any row, naming them.
+
+The tracking URI is resolved once, when the sink opens (`resolve_tracking_uri`: the config's, else
+$MLFLOW_TRACKING_URI, else MLflow's default, with a relative SQLite or file path made absolute against the
+working directory), and recorded in run.json as `mlflow_tracking_uri`: `resume` and `report` use that
+record, so they find the run from any directory. An experiment the sink creates in a SQLite store keeps its
+artifacts beside the database file (`<database folder>/mlruns`), not in whatever directory the sweep
+happened to start from.
 """
 
 from __future__ import annotations
@@ -117,10 +124,16 @@ def open(context: SinkContext) -> "MlflowSink":
     into run.json as soon as it is known); members get child runs when the schema's lineage says so."""
     config = context.config
     settings = config.sinks.mlflow
+    uri = context.record.get(TRACKING_URI_RECORD) or resolve_tracking_uri(settings.tracking_uri)
+    recorded = context.record.get(TRACKING_URI_RECORD)
+
+    def on_uri(resolved: str) -> None:  # MLflow's default is known once the sink's thread has asked MLflow
+        if resolved != recorded:
+            context.update_record(**{TRACKING_URI_RECORD: resolved})
     return MlflowSink(
         settings.experiment or config.name,
         run_name=config.name,
-        tracking_uri=settings.tracking_uri,
+        tracking_uri=uri,
         params=context.params,
         tags={**context.stamp, "sweep.git_commit": git_commit(), "sweep.workers": str(context.workers)},
         metric_names=context.metric_names,
@@ -129,8 +142,49 @@ def open(context: SinkContext) -> "MlflowSink":
         retry_seconds=settings.retry_seconds,
         run_id=context.record.get("mlflow_run_id"),
         on_run=lambda run_id: context.update_record(mlflow_run_id=run_id),
+        on_uri=on_uri,
         children=children_of(context.schema),
     )
+
+
+#: The run.json field that holds the tracking URI the sweep's MLflow run lives at.
+TRACKING_URI_RECORD = "mlflow_tracking_uri"
+#: Folder beside a SQLite store's database file that holds the artifacts of the experiments the sink creates.
+SQLITE_ARTIFACTS_FOLDER = "mlruns"
+
+
+def resolve_tracking_uri(uri: Optional[str] = None) -> Optional[str]:
+    """The tracking URI a sweep logs to, absolute: `uri`, else $MLFLOW_TRACKING_URI; None when neither is
+    set (MLflow's own default applies: the sink asks MLflow in its thread, off the sweep's critical path,
+    and resolves what it says). A relative SQLite database path (`sqlite:///mlflow.db`), a relative `file:`
+    URI or a bare path is made absolute against the working directory, so the URI means the same store
+    from any directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        return None
+    parts = urlsplit(uri)
+    if parts.scheme == "sqlite":
+        database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+        if database and not database.startswith("/") and not database.startswith(":memory:"):
+            path, _, query = database.partition("?")
+            return "sqlite:///" + os.path.abspath(path) + (f"?{query}" if query else "")
+        return uri
+    if parts.scheme == "file" and not parts.netloc and not parts.path.startswith("/"):
+        return Path(os.path.abspath(parts.path)).as_uri()
+    if parts.scheme == "" and uri:  # a bare path: MLflow's file store
+        return Path(os.path.abspath(uri)).as_uri()
+    return uri
+
+
+def sqlite_artifacts(uri: str) -> Optional[str]:
+    """Where the artifacts of an experiment created in the SQLite store at `uri` go: beside its database
+    file. None for any other store (a server or a file store chooses for itself)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = uri[len("sqlite:///"):].partition("?")[0]
+    if not database.startswith("/"):
+        return None
+    return (Path(database).parent / SQLITE_ARTIFACTS_FOLDER).as_uri()
 
 
 def git_commit() -> str:
@@ -198,6 +252,7 @@ class MlflowSink:
         retry_seconds: float = 120.0,
         connect_seconds: float = FIRST_CONTACT_SECONDS,
         on_run: Optional[Callable[[str], None]] = None,
+        on_uri: Optional[Callable[[str], None]] = None,
         children: Optional[Children] = None,
     ):
         # Our own retries pace the requests; MLflow's would hold one request for minutes.
@@ -216,6 +271,7 @@ class MlflowSink:
         self.retry_seconds = retry_seconds
         self.connect_seconds = connect_seconds
         self.on_run = on_run
+        self.on_uri = on_uri
         self.errors: List[str] = []
         self.missed_metrics = 0
         self.logged_metrics = 0
@@ -244,8 +300,9 @@ class MlflowSink:
         return list(self.errors)
 
     def outcome(self) -> Dict[str, Any]:
-        """The MLflow run's id (None when it was never created) and the metric values it missed."""
-        return {"mlflow_run_id": self.run_id, "mlflow_missed_metrics": self.missed_metrics}
+        """The MLflow run's id (None when it was never created), where it lives and the metric values it missed."""
+        return {"mlflow_run_id": self.run_id, "mlflow_tracking_uri": self.tracking_uri,
+                "mlflow_missed_metrics": self.missed_metrics}
 
     @property
     def child_run_ids(self) -> Dict[int, str]:
@@ -351,11 +408,16 @@ class MlflowSink:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.tracking_uri = resolve_tracking_uri(client.tracking_uri)
+        if self.on_uri is not None and self.tracking_uri:
+            self.on_uri(self.tracking_uri)
         self._uri = _shown(client.tracking_uri)
         if self.run_id is None:
             experiment = self._call(lambda: client.get_experiment_by_name(self.experiment), "find the experiment")
-            experiment_id = (experiment.experiment_id if experiment
-                             else self._call(lambda: client.create_experiment(self.experiment), "create the experiment"))
+            artifacts = sqlite_artifacts(client.tracking_uri)
+            experiment_id = (experiment.experiment_id if experiment else self._call(
+                lambda: client.create_experiment(self.experiment, artifact_location=artifacts),
+                "create the experiment"))
             run = self._call(lambda: client.create_run(experiment_id, run_name=self.run_name), "create the run")
             self.run_id = run.info.run_id
             logged: Dict[str, str] = {}

@@ -54,12 +54,21 @@ def results_location(config: Any, run_dir: Path) -> str:
     return config.sinks.parquet.path or str(Path(run_dir) / "results")
 
 
+#: Schema metadata of every results file: the metric that ranks the rows and whether higher or lower is
+#: better, so the results alone say which way is best (`sweep show --by`).
+OBJECTIVE_KEY = "sweep.objective"
+MODE_KEY = "sweep.mode"
+
+
 def open(context: SinkContext) -> "ParquetSink":
     """The results store of a sweep: at `context.results` (else `results_location`), files stamped with the sweep."""
     settings = context.config.sinks.parquet
     location = context.results or results_location(context.config, context.run_dir)
+    metrics = context.config.metrics
+    objective = metrics.objective or (context.metric_names[0] if context.metric_names else None)
+    ranking = {OBJECTIVE_KEY: objective, MODE_KEY: metrics.mode} if objective else {}
     return ParquetSink(location, context.schema, rows_per_file=settings.rows_per_file,
-                       flush_seconds=settings.flush_seconds, metadata=context.stamp)
+                       flush_seconds=settings.flush_seconds, metadata={**context.stamp, **ranking})
 
 
 def resolve(location: str) -> Tuple[pafs.FileSystem, str]:

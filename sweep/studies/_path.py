@@ -46,11 +46,43 @@ Alphas = Annotated[
 ]
 
 
+#: Significant digits, at the scale of a range's larger end, that its values are rounded to: a value whose
+#: decimal has no more digits than this (0.5, 0.1, -0.25, 0) comes out as exactly the float of that decimal.
+RANGE_DIGITS = 12
+#: 10^k is an exact float64 for k up to this.
+EXACT_POWERS_OF_TEN = 22
+#: Ranges within ±this are left as `np.linspace` gives them (10^e for their unit would underflow).
+SMALLEST_ROUNDED_SCALE = 1e-280
+
+
 def alpha_values(alphas: Union[AlphaRange, List[float]]) -> np.ndarray:
-    """The alphas of a list or a range, as float64."""
+    """The alphas of a list (as written) or a range, as float64."""
     if isinstance(alphas, AlphaRange):
-        return np.linspace(alphas.start, alphas.stop, alphas.num, dtype=np.float64)
+        return range_values(alphas.start, alphas.stop, alphas.num)
     return np.asarray(alphas, dtype=np.float64)
+
+
+def range_values(start: float, stop: float, num: int) -> np.ndarray:
+    """`num` evenly spaced values from `start` to `stop`, both included, rounded to `RANGE_DIGITS`
+    significant digits at the scale of the larger end: `np.linspace` gives 0.49999999999999994 and
+    -2.7755575615628914e-17 where the grid means 0.5 and 0, and a query such as `alpha = 0.5` would find
+    neither. Each value is an integer count of 10^e (e the scale's exponent less the digits), divided or
+    multiplied by an exact power of ten, so it is the float nearest to its decimal."""
+    values = np.linspace(start, stop, num, dtype=np.float64)
+    scale = max(abs(start), abs(stop))
+    if not np.isfinite(scale) or scale < SMALLEST_ROUNDED_SCALE:
+        return values
+    exponent = int(np.floor(np.log10(scale))) - (RANGE_DIGITS - 1)
+    if abs(exponent) > EXACT_POWERS_OF_TEN:  # rare scales: the decimal spelled out, parsed
+        rounded = np.array([float(f"{round(v / 10.0 ** exponent)}e{exponent}") for v in values.tolist()])
+    elif exponent < 0:
+        unit = 10.0 ** -exponent
+        rounded = np.round(values * unit) / unit
+    else:
+        unit = 10.0 ** exponent
+        rounded = np.round(values / unit) * unit
+    rounded[rounded == 0.0] = 0.0  # no -0.0
+    return rounded
 
 
 def path_coefficients(alphas: np.ndarray, segments: int) -> np.ndarray:

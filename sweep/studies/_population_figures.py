@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..analysis import lineage
-from ..plotting import (Figure, RunView, best_index, better, column_floats, draw_each, escape, figure, fmt,
-                        html_table, integer_ticks, label, log_axis, log_scale_wanted, save, status_mask)
+from ..plotting import (MAX_FIGURE_WIDTH, MIN_FONT_SIZE, Figure, RunView, Scale, best_index, better, cmap,
+                        column_floats, draw_each, escape, figure, fmt, html_table, integer_ticks, label, log_axis,
+                        place_labels, point_label, renderer_of, save, status_mask, value_scale)
 from ..types import OK
 
 #: Members drawn in training.png (an evenly spaced subset of a larger population, plus the best lineage).
@@ -255,10 +256,6 @@ def _nanmedian(grid: np.ndarray) -> np.ndarray:
     return out
 
 
-def _objective_cmap(run: RunView) -> str:
-    return "viridis" if run.mode == "max" else "viridis_r"
-
-
 def _range_text(run: RunView, name: str) -> str:
     """' (searched in [low, high])' or ' (choices a, b, …)' of a hyperparameter, for a title."""
     space = getattr(run.study, "hyperparameters", None) or {}
@@ -293,7 +290,7 @@ def _training(run: RunView, folder: Path, notes: List[str], exploits: bool) -> L
         notes.append(f"exploits: {pop.exploits} rows continued from another member's weights (parent ≠ member); "
                      f"the best member's lineage switched members {len(pop.switches())} times")
 
-    fig, (ax,) = figure(1, width=9.5, height=5.2)
+    fig, (ax,) = figure(1, width=MAX_FIGURE_WIDTH, height=5.0)
     g, m, p, exploit = _edges(pop, drawn)
     x0, y0 = pop.step[g - 1, p], pop.value[g - 1, p]
     x1, y1 = pop.step[g, m], pop.value[g, m]
@@ -326,6 +323,7 @@ def _training(run: RunView, folder: Path, notes: List[str], exploits: bool) -> L
                        label="population median")
     chain_steps = _chain_values(pop.chain, "step")
     chain_values = _chain_objective(run, pop.chain)
+    named: List[Any] = []  # the exploits' labels
     if len(pop.chain):
         handles += ax.plot(chain_steps, chain_values, "-o", color=BEST_COLOUR, lw=2.4, ms=3.5, zorder=5,
                            label=f"best member {pop.best}" + ("'s lineage" if exploits else "")
@@ -336,33 +334,46 @@ def _training(run: RunView, folder: Path, notes: List[str], exploits: bool) -> L
                                mec=BEST_COLOUR, mew=1.6, zorder=6, label="exploit along the lineage")
             for k in switches[:MAX_SWITCHES_NAMED]:
                 if np.isfinite(chain_values[k]):
-                    ax.annotate(f"m{pop.chain[k - 1]['member']}→m{pop.chain[k]['member']}",
-                                (chain_steps[k], chain_values[k]), xytext=(4, -12 if run.mode == "max" else 6),
-                                textcoords="offset points", fontsize=7, color=BEST_COLOUR, zorder=6,
-                                bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.8))
+                    named.append(point_label(ax, f"m{pop.chain[k - 1]['member']}→m{pop.chain[k]['member']}",
+                                             (chain_steps[k], chain_values[k]), fontsize=MIN_FONT_SIZE,
+                                             color=BEST_COLOUR, zorder=6,
+                                             bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none",
+                                                       alpha=0.85)))
     else:
         ax.plot(pop.step[pop.last, pop.best], best_value, "*", ms=14, color=BEST_COLOUR, mec="black", zorder=6)
-    if log_scale_wanted(pop.value, run.mode):
-        ax.set_yscale("log")
+    # The axis follows the population: the values drawn, clipped at the bad end where a few stragglers
+    # (the first evaluations, a diverged member) would squeeze the rest into a band.
+    shown_values = pop.value[:, drawn].ravel()  # the best lineage's points are rows of these too
+    scale = value_scale(shown_values, run.mode)
     ax.autoscale_view()
+    scale.axis(ax, "y", shown_values)
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"{label(run.objective)} ({better(run.mode)})"
-                  + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    ax.set_ylabel(run.metric_label(run.objective, scale))
     shown = "" if len(drawn) == pop.members else f"; {len(drawn)} of {pop.members} members drawn"
-    ax.set_title(f"{label(run.name)}: {label(run.objective)} of every member over training "
+    ax.set_title(f"{label(run.name)}: {label(run.objective)} of every member over training, {better(run.mode)} "
                  f"({pop.members} members, {pop.generations} generations{shown})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize=8, loc="lower right" if run.mode == "max" else "upper right")
+    fig.legend(handles=handles, fontsize=MIN_FONT_SIZE + 1, loc="outside lower center", ncol=2, frameon=False)
+    place_labels(ax, named, hide=True)  # an exploit label that would cover another is left out
     path = folder / "training.png"
     save(fig, path)
     how = ("Each generation's segment runs from the parent's point at the previous evaluation to the member's "
            "point, so an exploit (orange) jumps from the donor's curve; " if exploits else
            "One light line per member; ")
-    caption = (f"{run.objective} of every member at each evaluation against its training steps. {how}the dashed line "
-               f"is the population's median and the bold red line the lineage of the best member of the last "
-               f"generation (member {pop.best})"
-               + (", diamonds where it continued from another member" if exploits else "")
-               + (f". An evenly spaced {len(drawn)} of the {pop.members} members are drawn." if shown else "."))
+    zoom = (f" The {run.objective} axis is {scale.note}: the points beyond it are counted at its edge."
+            if scale.clipped else "")
+    method = getattr(run.study, "method", None)
+    drawn_how = {"random": f"{pop.members} configurations drawn at random",
+                 "grid": f"the {pop.members} combinations of the grid"}.get(str(method)) if not exploits else None
+    source = f" ({drawn_how}, trained side by side)" if drawn_how else ""
+    caption = (f"{run.objective} of every member{source} at each evaluation against its training steps. {how}the "
+               f"dashed line is the population's median and the bold red line "
+               + (f"the lineage of the best member of the last generation (member {pop.best})" if exploits else
+                  f"the best member of the last generation (member {pop.best})")
+               + (", diamonds where it continued from another member (named m<from>→m<to> where the names "
+                  "do not overlap)" if exploits else "")
+               + (f". An evenly spaced {len(drawn)} of the {pop.members} members are drawn." if shown else ".")
+               + zoom)
     return [Figure(path, caption)]
 
 
@@ -383,14 +394,15 @@ def _lineage_figure(run: RunView, folder: Path, notes: List[str]) -> List[Figure
     if not tree and not schedule:
         return []
     k = max(1, len(hyper)) if schedule else 1
-    width = min(20.0, max(10.0, 0.42 * pop.generations + 4.0, 4.2 * k + 1.0 if schedule else 0.0))
+    width = MAX_FIGURE_WIDTH  # the page's width: wider, and the page would shrink its text
     tree_height = min(12.0, max(4.0, 0.24 * pop.members + 1.8)) if tree else 0.0
     schedule_height = 3.3 if schedule else 0.0
     fig = Canvas(figsize=(width, tree_height + schedule_height), layout="constrained")
     ratios = [h for h in (tree_height, schedule_height) if h]
     grid = fig.add_gridspec(len(ratios), k, height_ratios=ratios)
+    colours = None
     if tree:
-        _tree(run, pop, fig, fig.add_subplot(grid[0, :]))
+        colours = _tree(run, pop, fig, fig.add_subplot(grid[0, :]))
     if schedule:
         _schedule(run, pop, [fig.add_subplot(grid[len(ratios) - 1, j]) for j in range(len(hyper))])
     size = f" ({pop.members} members × {pop.generations} generations, {pop.exploits} exploits)"
@@ -401,7 +413,9 @@ def _lineage_figure(run: RunView, folder: Path, notes: List[str]) -> List[Figure
     save(fig, path)
     parts = []
     if tree:
-        parts.append(f"Top: one dot per member (y) and generation (x), coloured by {run.objective}; an edge joins "
+        how = f", {colours.note}" if colours is not None and colours.note else ""
+        parts.append(f"Top: one dot per member (y) and generation (x), coloured by {run.objective} (brighter is "
+                     f"better{how}); an edge joins "
                      f"each row to its parent's row at the generation before: grey where the member continued its "
                      f"own weights, orange where it copied another member's (exploit; {pop.exploits} in all). The "
                      f"best member's lineage is red.")
@@ -413,7 +427,8 @@ def _lineage_figure(run: RunView, folder: Path, notes: List[str]) -> List[Figure
     return [Figure(path, " ".join(parts))]
 
 
-def _tree(run: RunView, pop: Population, fig: Any, ax: Any) -> None:
+def _tree(run: RunView, pop: Population, fig: Any, ax: Any) -> Scale:
+    """The lineage tree on `ax`; returns the scale of its colours."""
     from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
 
@@ -433,10 +448,10 @@ def _tree(run: RunView, pop: Population, fig: Any, ax: Any) -> None:
     values = pop.value[gg, mm]
     finite = np.isfinite(values)
     size = float(np.clip(900.0 / max(pop.members, 1), 6.0, 40.0))
-    dots = ax.scatter(gg[finite], mm[finite], c=values[finite], s=size, cmap=_objective_cmap(run), zorder=3,
-                      edgecolors="none")
-    fig.colorbar(dots, ax=ax, label=f"{label(run.objective)} ({better(run.mode)}; brighter is better)",
-                 pad=0.01, aspect=30)
+    scale = value_scale(values[finite], run.mode)
+    dots = ax.scatter(gg[finite], mm[finite], c=values[finite], s=size, cmap=cmap(run.mode), norm=scale.norm(),
+                      zorder=3, edgecolors="none")
+    scale.colorbar(fig, dots, ax, run.metric_label(run.objective, scale), pad=0.01, aspect=30)
     if (~finite).any():
         handles += [ax.scatter(gg[~finite], mm[~finite], s=size, marker="x", color="0.45", zorder=3,
                                label="not ok or not finite")]
@@ -447,7 +462,7 @@ def _tree(run: RunView, pop: Population, fig: Any, ax: Any) -> None:
                            label=f"best member {pop.best}'s lineage")
         ax.scatter(cg, cm, s=size * 1.6, facecolors="none", edgecolors=BEST_COLOUR, linewidths=1.4, zorder=5)
     ax.annotate(f"best: member {pop.best}\n{label(run.objective)} {fmt(pop.best_value())}",
-                (pop.last, pop.best), xytext=(8, 0), textcoords="offset points", va="center", fontsize=8,
+                (pop.last, pop.best), xytext=(8, 0), textcoords="offset points", va="center", fontsize=MIN_FONT_SIZE,
                 color=BEST_COLOUR, annotation_clip=False,
                 bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85))
     ax.set_xlim(-0.6, pop.generations - 0.4 + max(0.9, 0.13 * pop.generations))  # room for the label
@@ -456,8 +471,9 @@ def _tree(run: RunView, pop: Population, fig: Any, ax: Any) -> None:
     integer_ticks(ax.yaxis, pop.members)
     ax.set_xlabel(f"generation (evaluated every {fmt(getattr(run.study, 'interval', None)) or '?'} steps)")
     ax.set_ylabel("member")
-    ax.legend(handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.005), ncol=len(handles),
-              frameon=False, borderaxespad=0.0)
+    ax.legend(handles=handles, fontsize=MIN_FONT_SIZE, loc="lower left", bbox_to_anchor=(0.0, 1.005),
+              ncol=len(handles), frameon=False, borderaxespad=0.0)
+    return scale
 
 
 def _schedule(run: RunView, pop: Population, axes: List[Any]) -> None:
@@ -481,7 +497,7 @@ def _schedule(run: RunView, pop: Population, axes: List[Any]) -> None:
         ax.set_title(f"best member {pop.best}: {label(name)} along its lineage{_range_text(run, name)}", fontsize=10)
         ax.grid(alpha=0.3)
         if switches:
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=MIN_FONT_SIZE, loc="best")
 
 
 # --------------------------------------------------------------------------- hyperparameters.png
@@ -502,6 +518,7 @@ def _hyperparameters(run: RunView, folder: Path, notes: List[str], exploits: boo
     values = pop.value[last]
     fig, axes = figure(len(hyper), width=5.0, height=4.0)
     handles: List[Any] = []
+    named: List[Tuple[Any, Any]] = []
     for ax, name in zip(axes, hyper):
         x = np.where(present, column_floats(run.table, name)[at], np.nan)
         keep = np.isfinite(x) & np.isfinite(values)
@@ -511,24 +528,28 @@ def _hyperparameters(run: RunView, folder: Path, notes: List[str], exploits: boo
         if keep[pop.best]:
             star = ax.plot(x[pop.best], values[pop.best], "*", ms=15, color=BEST_COLOUR, mec="black", zorder=4,
                            label=f"the best member ({pop.best}; {label(run.objective)} {fmt(values[pop.best])})")
-            ax.annotate(f"{label(name)} = {fmt(x[pop.best])}", (x[pop.best], values[pop.best]), xytext=(9, -3),
-                        textcoords="offset points", fontsize=8, color=BEST_COLOUR, va="top",
-                        bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8))
+            named.append((ax, point_label(ax, f"{label(name)} = {fmt(x[pop.best])}", (x[pop.best], values[pop.best]),
+                                          fontsize=MIN_FONT_SIZE, color=BEST_COLOUR,
+                                          bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none",
+                                                    alpha=0.8))))
             handles = [dots] + star
         handles = handles or [dots]
         ax.margins(y=0.08)
         if log:
             log_axis(ax, "x", x[keep])
-        if log_scale_wanted(values[keep], run.mode):
-            ax.set_yscale("log")
+        scale = value_scale(values[keep], run.mode)
+        scale.axis(ax, "y", values[keep])
         ax.set_xlabel(label(name) + (" (log scale)" if log else "")
                       + (" in the last generation" if exploits else ""))
-        ax.set_ylabel(f"final {label(run.objective)} ({better(run.mode)})")
+        ax.set_ylabel(f"final {run.metric_label(run.objective, scale)}")
         ax.set_title(f"final {label(run.objective)} vs {label(name)}{_range_text(run, name)}", fontsize=10)
         ax.grid(alpha=0.3)
-    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=MIN_FONT_SIZE + 1, frameon=False)
     fig.suptitle(f"{label(run.name)}: each member's {label(run.objective)} at the last generation ({last}) "
-                 f"against its hyperparameters", fontsize=11)
+                 f"against its hyperparameters ({better(run.mode)})", fontsize=11)
+    renderer = renderer_of(fig) if named else None
+    for ax, text in named:  # beside the star, off the other members' dots
+        place_labels(ax, [text], renderer=renderer)
     path = folder / "hyperparameters.png"
     save(fig, path)
     which = ("the value each member used in the last generation (pbt changes them along the way; lineage.png "

@@ -21,7 +21,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from ..errors import ConfigError
 from ..files import resolve_file
 from ..plotting import (Figure, RunView, barrier_line, draw_path, figure, fmt, label, metric_title, path_barrier,
-                        path_legend, save, shade_extrapolation)
+                        path_legend, place_labels, renderer_of, save, shade_extrapolation, value_scale)
 from ..model import write_weights_file
 from ..recipes import AffineRows, anchor_set
 from ..settings import Float, Int, Section, Text
@@ -124,6 +124,10 @@ def example(bench: Any) -> Dict[str, Any]:
 FIGURES = ("align.png",)
 
 
+#: How the legend names each path.
+PATH_NAMES = {"original": "original: B as trained", "aligned": "aligned: B's units permuted to match A"}
+
+
 def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
     """align.png: each metric along the path from A to B, as trained and aligned, with each path's barrier."""
     alpha = run.floats("alpha")
@@ -131,27 +135,36 @@ def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
     names = [p for p in PATHS if (paths == p).any()]
     names += sorted({p for p in paths if p is not None and p not in names})
     fig, axes = figure(len(run.metrics))
+    labels = []
     for ax, metric in zip(axes, run.metrics):
         values = run.floats(metric)
         mode = run.mode_of(metric)
         shade_extrapolation(ax, alpha, 1)
+        heights, texts = [], []
         for i, name in enumerate(names):
             on = paths == name
             bar = path_barrier(alpha[on], values[on], 1, mode)
-            height = "n/a" if bar is None else fmt(bar.height)
-            draw_path(ax, alpha[on], values[on], 1, bar, color=f"C{i}", label=f"{label(name)}: barrier {height}",
-                      ends=["A", "B"])
+            heights.append(f"{label(name)} {'n/a' if bar is None else fmt(bar.height)}")
+            # Both paths start at A, and end at B or B permuted (the same function): the first names them.
+            texts += draw_path(ax, alpha[on], values[on], 1, bar, color=f"C{i}",
+                               label=label(PATH_NAMES.get(name, name)), ends=["A", "B"] if i == 0 else ["", ""])
             notes.append(barrier_line(metric, mode, bar, run.objective, prefix=f"{name} path: "))
-        ax.set_title(metric_title(run, metric), fontsize=10)
+        labels.append(texts)
+        scale = value_scale(values, mode)
+        scale.axis(ax, "y", values)
+        ax.set_title(f"{metric_title(run, metric)}\nbarrier: {', '.join(heights)}", fontsize=10)
         ax.set_xlabel("α (model A at 0, model B at 1)")
-        ax.set_ylabel(label(metric))
+        ax.set_ylabel(run.metric_label(metric, scale))
         ax.grid(alpha=0.3)
-        path_legend(ax, alpha, 1)
+    path_legend(fig, axes[0], alpha, 1)
     fig.suptitle(f"{label(run.name)}: the path between two models before and after permutation alignment",
                  fontsize=11)
+    renderer = renderer_of(fig)  # the layout, once: the labels are left out of it
+    for ax, texts in zip(axes, labels):
+        place_labels(ax, texts, renderer=renderer)
     path = folder / "align.png"
     save(fig, path)
     caption = ("Each metric along the straight path from model A to model B, with B as trained ('original') and "
                "with B's units permuted to match A ('aligned'); the arrows mark each path's barrier over its chord, "
-               "and the legend gives the heights.")
+               "and the panel titles give the heights.")
     return [Figure(path, caption)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
@@ -168,6 +170,8 @@ class StudyBase:
     not_resumable: str = ""
     #: the members a study keeps on the workers between rounds (see `sweep.population.PopulationPlan`), or None
     population: Optional[Any] = None
+    #: weights files evaluated one per row (a study of files): `validate` says which will be invalid rows
+    paths: Sequence[str] = ()
     #: a recipe study's anchors and their content key (None for studies of explicit candidates)
     key: Optional[str] = None
     _anchors: Optional[AnchorSet] = None
@@ -217,6 +221,8 @@ class Study(Protocol):
     not_resumable: str
     #: the members the study keeps on the workers between rounds, or None
     population: Optional[Any]
+    #: weights files evaluated one per row, or ()
+    paths: Sequence[str]
 
     def fields(self) -> List[pa.Field]:
         """The study's results columns with their roles."""
@@ -246,8 +252,33 @@ class Study(Protocol):
     def saved_members(self) -> Dict[str, int]: ...
 
 
+#: What `read_weights` calls before it reads a file, within `checking_anchors` (else None).
+_anchor_check: ContextVar[Optional[Callable[[str, str], None]]] = ContextVar("anchor_check", default=None)
+
+
+@contextmanager
+def checking_anchors(check: Optional[Callable[[str, str], None]]) -> Iterator[None]:
+    """Within it, every file a study reads through `read_weights` goes first to `check(path, field)`.
+
+    `sweep.preflight` checks there that the file fits the module (from its header alone) before the
+    study reads it whole: every study that loads its anchors through `read_weights` gets the check.
+    """
+    token = _anchor_check.set(check)
+    try:
+        yield
+    finally:
+        _anchor_check.reset(token)
+
+
 def read_weights(path: str, field: str) -> Dict[str, torch.Tensor]:
-    """A weights file the config names; a file that cannot be read is a config error naming `field`."""
+    """A weights file the config names (an anchor: an endpoint, a base, a model to merge, a centre, a
+    direction's end); a file that cannot be read is a config error naming `field`.
+
+    Studies read every such file through here, so that the checks before a run (`checking_anchors`) see it.
+    """
+    check = _anchor_check.get()
+    if check is not None:
+        check(path, field)
     try:
         return read_weights_file(path)
     except WeightsError as e:

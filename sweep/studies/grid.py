@@ -16,7 +16,7 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..files import resolve_file
-from ..plotting import Figure, RunView, figure, label, metric_title, pivot, save
+from ..plotting import Figure, RunView, cmap, figure, label, metric_title, pivot, save, value_scale
 from ..recipes import AffineRows, anchor_set
 from ..settings import Section, Text
 from ._path import AlphaRange, alpha_values
@@ -76,16 +76,17 @@ FIGURES = ("grid.png",)
 
 
 def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
-    """grid.png: each metric as a heat map over the two directions."""
+    """grid.png: each metric as a heat map over the two directions, brighter where better."""
     a, b = run.recipe
     fig, axes = figure(len(run.metrics))
     for ax, metric in zip(axes, run.metrics):
         xs, ys, grid = pivot(run.floats(a), run.floats(b), run.floats(metric))
-        image = ax.pcolormesh(xs, ys, grid, shading="nearest")
-        fig.colorbar(image, ax=ax)
+        scale = value_scale(grid, run.mode_of(metric))  # log or clipped where that shows the good values
+        image = ax.pcolormesh(xs, ys, grid, shading="nearest", norm=scale.norm(), cmap=cmap(run.mode_of(metric)))
+        scale.colorbar(fig, image, ax, run.metric_label(metric, scale))
         ax.set(title=metric_title(run, metric), xlabel=label(a), ylabel=label(b))
     save(fig, folder / "grid.png")
-    return [Figure(folder / "grid.png", f"Each metric over {a} × {b}; (0, 0) is the centre.")]
+    return [Figure(folder / "grid.png", f"Each metric over {a} × {b}, brighter where better; (0, 0) is the centre.")]
 
 
 def example(bench: Any) -> Dict[str, Any]:

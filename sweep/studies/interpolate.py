@@ -26,7 +26,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from ..files import resolve_files
 from ..plotting import (Figure, RunView, alpha_label, barrier_line, draw_path, figure, label, metric_title,
-                        path_barrier, path_legend, save, shade_extrapolation)
+                        path_barrier, path_legend, place_labels, renderer_of, save, shade_extrapolation,
+                        value_scale)
 from ..errors import ConfigError
 from ..model import write_weights_file
 from ..recipes import AffineRows, AnchorSet, Rows, SlerpRows, anchor_set
@@ -154,25 +155,32 @@ def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
     segments = _path_segments(run.study)
     alpha = run.floats("alpha")
     fig, axes = figure(len(run.metrics))
+    labels = []
     for ax, metric in zip(axes, run.metrics):
         values = run.floats(metric)
         mode = run.mode_of(metric)
         bar = path_barrier(alpha, values, segments, mode)
         shade_extrapolation(ax, alpha, segments)
-        draw_path(ax, alpha, values, segments, bar, color="C0", label=f"{label(metric)} along the path",
-                  ends=[f"E{j}" for j in range(segments + 1)])
+        labels.append(draw_path(ax, alpha, values, segments, bar, color="C0", label="the metric along the path",
+                                ends=[f"E{j}" for j in range(segments + 1)]))
+        scale = value_scale(values, mode)
+        scale.axis(ax, "y", values)
         ax.set_title(metric_title(run, metric), fontsize=10)
         ax.set_xlabel(alpha_label(segments))
-        ax.set_ylabel(label(metric))
+        ax.set_ylabel(run.metric_label(metric, scale))
         ax.grid(alpha=0.3)
-        path_legend(ax, alpha, segments)
         notes.append(barrier_line(metric, mode, bar, run.objective))
+    path_legend(fig, axes[0], alpha, segments)
     fig.suptitle(f"{label(run.name)}: metrics along the interpolation path", fontsize=11)
+    renderer = renderer_of(fig)  # the layout, once: the labels are left out of it
+    for ax, texts in zip(axes, labels):
+        place_labels(ax, texts, renderer=renderer)
     path = folder / "interpolate.png"
     save(fig, path)
     ends = getattr(run.study, "endpoints", None) or []
     names = ", ".join(f"E{j} = {Path(str(e)).name}" for j, e in enumerate(ends))
-    caption = (f"Each metric along the straight path through the endpoints ({names or 'endpoints at integer α'}): "
+    how = "spherical (SLERP)" if getattr(run.study, "method", "linear") == "slerp" else "straight"
+    caption = (f"Each metric along the {how} path through the endpoints ({names or 'endpoints at integer α'}): "
                f"dots mark the endpoints, dashed parts are extrapolated, the dotted line is the chord between "
                f"endpoints and the arrow marks the barrier (largest worsening over the chord).")
     return [Figure(path, caption)]

@@ -27,8 +27,8 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..files import resolve_file, resolve_files
-from ..plotting import (LOG_LEVELS_DECADES, Figure, RunView, best_index, figure, fmt, label, metric_title, pivot,
-                        save)
+from ..plotting import (MIN_FONT_SIZE, Figure, RunView, Scale, best_index, cmap, figure, fmt, label, metric_title,
+                        pivot, pivot_counts, save, value_scale)
 from ..errors import ConfigError
 from ..recipes import AffineRows, anchor_set
 from ..settings import Int, Section, Text
@@ -195,30 +195,37 @@ def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
     if two_d:
         return [_landscape_2d(run, folder, x, y, marks, xlabel, ylabel)]
     fig, axes = figure(len(run.metrics))
+    scales = []
     for ax, metric in zip(axes, run.metrics):
         values = run.floats(metric)
         xs, _, grid = pivot(x, np.zeros_like(x), values)
-        ax.plot(xs, grid[0] if grid.size else [], "-o", ms=3, color="C0", label=label(metric))
+        line = grid[0] if grid.size else np.zeros(0)
+        ax.plot(xs, line, "-o", ms=3, color="C0", label="the metric along the line")
         lo, hi = (xs.min(), xs.max()) if len(xs) else (0.0, 0.0)
         shown = [(mx, name) for mx, _, name in marks if lo <= mx <= hi]
         for mx, _ in shown:
             ax.axvline(mx, color="0.4", ls=":", lw=1)
         if shown:  # named on a top axis, where no curve runs over them
             top = ax.secondary_xaxis("top")
-            top.set_ticks([mx for mx, _ in shown], labels=[name for _, name in shown], fontsize=8)
-        best_i = best_index(grid[0], run.mode_of(metric)) if grid.size else None
+            top.set_ticks([mx for mx, _ in shown], labels=[name for _, name in shown], fontsize=MIN_FONT_SIZE + 1)
+        best_i = best_index(line, run.mode_of(metric)) if grid.size else None
         if best_i is not None:
-            ax.plot(xs[best_i], grid[0][best_i], "*", ms=12, color="C3", mec="black", label="best", zorder=4)
+            ax.plot(xs[best_i], line[best_i], "*", ms=13, color="C3", mec="black", label="best point", zorder=4)
+        scale = value_scale(line, run.mode_of(metric))
+        scale.axis(ax, "y", line)
+        scales.append(scale)
         ax.set_title(metric_title(run, metric), fontsize=10)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(label(metric))
+        ax.set_ylabel(run.metric_label(metric, scale))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside lower center", ncol=2, frameon=False,
+               fontsize=MIN_FONT_SIZE + 1)
     fig.suptitle(f"{label(run.name)}: the loss landscape along one direction", fontsize=11)
     path = folder / "landscape.png"
     save(fig, path)
     return [Figure(path, f"Each metric along the 1-D slice (x); dotted lines (named above the panel) mark "
-                         f"{', '.join(m[2] for m in marks)}; the star is the best point.")]
+                         f"{', '.join(m[2] for m in marks)}; the star is the best point"
+                         f"{_scale_words(run, scales)}.")]
 
 
 def _landscape_marks(run: RunView, two_d: bool) -> List[Tuple[float, float, str]]:
@@ -227,7 +234,7 @@ def _landscape_marks(run: RunView, two_d: bool) -> List[Tuple[float, float, str]
     if isinstance(directions, (list, tuple)):
         marks = [(0.0, 0.0, "model 0"), (1.0, 0.0, "model 1")]
         return marks + [(0.0, 1.0, "model 2")] if two_d else marks
-    return [(0.0, 0.0, "centre")]
+    return [(0.0, 0.0, "the centre")]
 
 
 def _landscape_axes(run: RunView) -> Tuple[str, str]:
@@ -236,57 +243,66 @@ def _landscape_axes(run: RunView) -> Tuple[str, str]:
     return "x (first direction)", "y (second direction)"
 
 
+def _scale_words(run: RunView, scales: List[Scale]) -> str:
+    """'; log scale for loss' and the like: which metric got which scale, for a caption."""
+    notes: Dict[str, List[str]] = {}
+    for metric, scale in zip(run.metrics, scales):
+        if scale.note:
+            notes.setdefault(scale.note, []).append(metric)
+    return "".join(f"; {note} for {', '.join(metrics)}" for note, metrics in notes.items())
+
+
+#: Markers of the named points of a plane (the centre or model 0, model 1, model 2), in `_landscape_marks` order.
+MARK_SHAPES = ("o", "s", "^")
+
+
 def _landscape_2d(run: RunView, folder: Path, x: np.ndarray, y: np.ndarray, marks: List[Tuple[float, float, str]],
                   xlabel: str, ylabel: str) -> Figure:
-    from matplotlib import patheffects
-    from matplotlib.colors import LogNorm
+    from matplotlib.lines import Line2D
 
-    outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
-    fig, axes = figure(len(run.metrics), width=5.6, height=4.6)
-    log_metrics = []
+    fig, axes = figure(len(run.metrics), width=4.6, height=4.0)
+    scales, most = [], 1
     for ax, metric in zip(axes, run.metrics):
         values = run.floats(metric)
         xs, ys, grid = pivot(x, y, values)
+        most = max(most, int(pivot_counts(x, y, values).max(initial=1)))
         finite = grid[np.isfinite(grid)]
         mode = run.mode_of(metric)
+        scale = value_scale(finite, mode)
+        scales.append(scale)
         if len(xs) < 2 or len(ys) < 2 or finite.size < 4:
             keep = np.isfinite(values) & np.isfinite(x) & np.isfinite(y)
-            drawn = ax.scatter(x[keep], y[keep], c=values[keep], cmap="viridis", s=25)
-            fig.colorbar(drawn, ax=ax, label=label(metric))
+            drawn = ax.scatter(x[keep], y[keep], c=values[keep], cmap=cmap(mode), norm=scale.norm(), s=25)
+            scale.colorbar(fig, drawn, ax, run.metric_label(metric, scale))
         else:
-            lo, hi = float(finite.min()), float(finite.max())
-            log = mode == "min" and lo > 0 and hi / lo > 10 ** LOG_LEVELS_DECADES
-            if hi <= lo:
-                hi = lo + (abs(lo) or 1.0) * 1e-6
-            if log:
-                levels, norm = np.geomspace(lo, hi, CONTOUR_LEVELS), LogNorm(lo, hi)
-                log_metrics.append(metric)
-            else:
-                levels, norm = np.linspace(lo, hi, CONTOUR_LEVELS), None
+            levels = scale.levels(CONTOUR_LEVELS)
             masked = np.ma.masked_invalid(grid)
-            filled = ax.contourf(xs, ys, masked, levels=levels, norm=norm, cmap="viridis")
-            lines = ax.contour(xs, ys, masked, levels=levels[::3], colors="white", linewidths=0.6, norm=norm)
-            ax.clabel(lines, fmt=lambda v: f"{v:.3g}", fontsize=7, colors="white")
-            fig.colorbar(filled, ax=ax, label=label(metric) + (" (log scale)" if log else ""),
-                         format="%.3g")
+            filled = ax.contourf(xs, ys, masked, levels=levels, norm=scale.norm(), cmap=cmap(mode),
+                                 extend=scale.extend)
+            lines = ax.contour(xs, ys, masked, levels=levels[::3], colors="white", linewidths=0.6, norm=scale.norm())
+            ax.clabel(lines, fmt=lambda v: f"{v:.3g}", fontsize=MIN_FONT_SIZE, colors="white")
+            scale.colorbar(fig, filled, ax, run.metric_label(metric, scale), format="%.3g")
             best = best_index(grid.ravel(), mode)
             if best is not None:
                 j, i = divmod(best, len(xs))
-                ax.plot(xs[i], ys[j], "*", ms=14, color="C3", mec="white", zorder=5)
-                ax.annotate("best", (xs[i], ys[j]), xytext=(6, -12), textcoords="offset points", fontsize=8,
-                            color="white", path_effects=outline, zorder=5)
+                ax.plot(xs[i], ys[j], "*", ms=15, color="C3", mec="white", zorder=5)
         x_lo, x_hi, y_lo, y_hi = np.nanmin(x), np.nanmax(x), np.nanmin(y), np.nanmax(y)
-        for mx, my, name in marks:
+        for (mx, my, _), shape in zip(marks, MARK_SHAPES):
             if x_lo <= mx <= x_hi and y_lo <= my <= y_hi:
-                ax.plot(mx, my, "o", ms=7, mfc="white", mec="black", zorder=5)
-                ax.annotate(name, (mx, my), xytext=(6, 5), textcoords="offset points", fontsize=8, color="white",
-                            path_effects=outline, zorder=5)
+                ax.plot(mx, my, shape, ms=8, mfc="white", mec="black", zorder=5)
         ax.set_title(metric_title(run, metric), fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+    handles = [Line2D([], [], ls="", marker=shape, ms=8, mfc="white", mec="black", label=name)
+               for (_, _, name), shape in zip(marks, MARK_SHAPES)]
+    handles.append(Line2D([], [], ls="", marker="*", ms=13, color="C3", mec="black",
+                          label="best point of each panel"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False,
+               fontsize=MIN_FONT_SIZE + 1)
     fig.suptitle(f"{label(run.name)}: the landscape over the plane", fontsize=11)
     path = folder / "landscape.png"
     save(fig, path)
-    scale = f"; log-scale levels for {', '.join(log_metrics)}" if log_metrics else ""
-    return Figure(path, f"Contours of each metric over the (x, y) plane (mean per grid point), with "
-                        f"{', '.join(m[2] for m in marks)} and the best point marked{scale}.")
+    per_point = "one value per grid point" if most == 1 else f"the mean of up to {most} values per grid point"
+    return Figure(path, f"Contours of each metric over the (x, y) plane ({per_point}), brighter where better, "
+                        f"with {', '.join(m[2] for m in marks)} and the best point marked"
+                        f"{_scale_words(run, scales)}.")

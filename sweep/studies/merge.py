@@ -26,6 +26,7 @@ task vectors; TIES and DARE as MergeRows over the same anchors.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,9 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..files import resolve_file, resolve_files
-from ..plotting import (Figure, RunView, best_index, better, column_floats, draw_each, figure, fmt, histogram,
-                        label, pivot, save, status_mask, thin_ticks)
+from ..plotting import (CHAR_WIDTH, MAX_COLUMNS, MAX_FIGURE_WIDTH, MIN_FONT_SIZE, Figure, RunView, Scale, best_index,
+                        better, cmap, column_floats, draw_each, figure, fmt, histogram, label, pivot, pivot_counts,
+                        save, status_mask, thin_ticks, value_scale)
 from ..errors import ConfigError
 from ..recipes import AffineRows, MergeRows, Rows, anchor_set
 from ..settings import Float, Int, Section, Text
@@ -371,8 +373,11 @@ FIGURES = ("merge.png", "merge-summary.png", "objective.png")
 PER_MODEL_LAMBDA = re.compile(r"lambda_([0-9]+)")
 #: Merge methods drawn as heat maps over lambda × density.
 GRID_METHODS = ("ties", "dare", "dare_ties")
-#: Heat map cells are annotated with their values up to this many rows and columns.
+#: Heat map cells are annotated with their values up to this many rows and columns (and only where the text fits).
 MAX_ANNOTATED_GRID = 12
+#: Height (inches) of a heat map's row of merge.png (each heat map spans the figure's width, so its cells have
+#: room for their numbers), and of a row of the other panels.
+HEAT_MAP_HEIGHT, PANEL_HEIGHT = 3.4, 3.6
 
 
 def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
@@ -385,11 +390,15 @@ def merge_grid(table: pa.Table, method: str, objective: str) -> Tuple[np.ndarray
     """(lambdas, densities, values) of one merge method: values[j, i] is the mean objective at
     (lambdas[i], densities[j]) over the ok rows with a finite objective (several seeds share a cell);
     NaN where no such row. Rows with per-model coefficients (lambda_0 …) are not on the grid."""
+    rows = _grid_rows(table, method)
+    return pivot(column_floats(rows, "lambda"), column_floats(rows, "density"), column_floats(rows, objective))
+
+
+def _grid_rows(table: pa.Table, method: str) -> pa.Table:
     methods = np.array(table.column("method").to_pylist() if "method" in table.column_names
                        else [None] * table.num_rows, dtype=object)
     keep = status_mask(table) & (methods == method) & ~_per_model_rows(table)
-    rows = table.filter(pa.array(keep))
-    return pivot(column_floats(rows, "lambda"), column_floats(rows, "density"), column_floats(rows, objective))
+    return table.filter(pa.array(keep))
 
 
 def _per_model_columns(table: pa.Table) -> List[str]:
@@ -461,7 +470,18 @@ def _merge_summary(run: RunView) -> List[Tuple[str, float, int, str]]:
     return entries
 
 
+@dataclass
+class _Panel:
+    """One panel of merge.png: how to draw it, whether it is a heat map (a row of its own), and its caption."""
+
+    draw: Callable[[Any, Any], None]
+    heat_map: bool
+    caption: str
+
+
 def _merge_figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
+    from matplotlib.figure import Figure as Canvas
+
     methods, values, ids = _merge_rows(run)
     for method in dict.fromkeys(m for m in methods if m is not None):
         on = np.flatnonzero((methods == method) & np.isfinite(values))
@@ -478,130 +498,184 @@ def _merge_figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]
     drawn = []
     panels = _merge_panels(run)
     if panels:
-        fig, axes = figure(len(panels), width=5.6, height=4.6)
-        for ax, draw in zip(axes, panels):
-            draw(fig, ax)
+        maps = [p for p in panels if p.heat_map]
+        others = [p for p in panels if not p.heat_map]
+        rows = len(maps) + math.ceil(len(others) / MAX_COLUMNS)
+        fig = Canvas(figsize=(MAX_FIGURE_WIDTH, HEAT_MAP_HEIGHT * len(maps) + PANEL_HEIGHT * (rows - len(maps))),
+                     layout="constrained")
+        grid = fig.add_gridspec(rows, MAX_COLUMNS)
+        axes = [fig.add_subplot(grid[r, :]) for r in range(len(maps))]
+        for k in range(len(others)):
+            alone = k == len(others) - 1 and k % MAX_COLUMNS == 0  # the last row's only panel spans it
+            row = len(maps) + k // MAX_COLUMNS
+            axes.append(fig.add_subplot(grid[row, :] if alone else grid[row, k % MAX_COLUMNS]))
+        for ax, panel in zip(axes, maps + others):
+            panel.draw(fig, ax)
         fig.suptitle(f"{label(run.name)}: {label(run.objective)} over the merge coefficients "
                      f"({better(run.mode)})", fontsize=11)
         path = folder / "merge.png"
         save(fig, path)
-        drawn.append(Figure(path, f"{run.objective} over each merge method's coefficients: heat maps over λ × "
-                                  f"density (mean over seeds, best cell outlined), lines over λ, and per-model "
-                                  f"coefficients of the random search coloured by {run.objective}."))
+        drawn.append(Figure(path, f"{run.objective} over each merge method's coefficients: "
+                                  + "; ".join(p.caption for p in maps + others) + "."))
     entries = _merge_summary(run)
     if entries:
-        drawn.append(_merge_bars(run, folder, entries))
+        drawn.append(_merge_dots(run, folder, entries))
     return drawn
 
 
-def _merge_panels(run: RunView) -> List[Callable[[Any, Any], None]]:
+def _merge_panels(run: RunView) -> List[_Panel]:
     methods, values, _ = _merge_rows(run)
     per_model = _per_model_rows(run.ok)
     lambdas = run.floats("lambda")
-    panels: List[Callable[[Any, Any], None]] = []
+    panels: List[_Panel] = []
     for method in GRID_METHODS:
         on = (methods == method) & ~per_model
         if (on & np.isfinite(lambdas) & np.isfinite(run.floats("density")) & np.isfinite(values)).any():
-            panels.append(lambda fig, ax, method=method: _heat_map(run, fig, ax, method))
+            rows = _grid_rows(run.ok, method)
+            most = int(pivot_counts(column_floats(rows, "lambda"), column_floats(rows, "density"),
+                                    column_floats(rows, run.objective)).max(initial=1))
+            what = "one row per cell" if most == 1 else f"the mean over up to {most} seeds per cell"
+            panels.append(_Panel(lambda fig, ax, method=method, most=most: _heat_map(run, fig, ax, method, most),
+                                 True, f"{method} as a heat map over λ × density ({what}, best cell outlined, "
+                                       f"brighter where better)"))
     on = (methods == "task_arithmetic") & ~per_model & np.isfinite(lambdas) & np.isfinite(values)
     if on.any():
-        panels.append(lambda fig, ax, on=on: _lambda_line(run, ax, on))
+        panels.append(_Panel(lambda fig, ax, on=on: _lambda_line(run, ax, on), False,
+                             "task_arithmetic as a line over λ (the star is its best)"))
     columns = _per_model_columns(run.ok)
     if len(columns) >= 2:
         both = per_model & np.isfinite(run.floats(columns[1])) & np.isfinite(values)
+        search = getattr(run.study, "search", None)
+        how = {"random": "drawn at random", "grid": "on a grid"}.get(str(search), "")
         for method in dict.fromkeys(m for m in methods[both] if m is not None):
-            panels.append(lambda fig, ax, on=both & (methods == method), method=method:
-                          _per_model_scatter(run, fig, ax, on, method, columns))
+            panels.append(_Panel(lambda fig, ax, on=both & (methods == method), method=method:
+                                 _per_model_scatter(run, fig, ax, on, method, columns), False,
+                                 f"{method} with one λ per model ({how + ', ' if how else ''}λ0 against λ1, "
+                                 f"coloured by {run.objective})"))
     return panels
 
 
-def _heat_map(run: RunView, fig: Any, ax: Any, method: str) -> None:
+def _heat_map(run: RunView, fig: Any, ax: Any, method: str, most: int) -> None:
     from matplotlib.patches import Rectangle
 
     lambdas, densities, grid = merge_grid(run.ok, method, run.objective)
     masked = np.ma.masked_invalid(grid)
-    image = ax.imshow(masked, origin="lower", aspect="auto", cmap="viridis" if run.mode == "max" else "viridis_r")
-    fig.colorbar(image, ax=ax, label=f"{label(run.objective)} ({better(run.mode)}; brighter is better)")
-    ax.set_xticks(range(len(lambdas)), [fmt(v) for v in lambdas], fontsize=7,
-                  rotation=45 if len(lambdas) > 6 else 0)
-    ax.set_yticks(range(len(densities)), [fmt(v) for v in densities], fontsize=7)
+    scale = value_scale(grid, run.mode)
+    image = ax.imshow(masked, origin="lower", aspect="auto", cmap=cmap(run.mode), norm=scale.norm())
+    scale.colorbar(fig, image, ax, run.metric_label(run.objective, scale), pad=0.01)
+    ax.set_xticks(range(len(lambdas)), [fmt(v) for v in lambdas], rotation=45 if len(lambdas) > 12 else 0)
+    ax.set_yticks(range(len(densities)), [fmt(v) for v in densities])
     thin_ticks(ax)
     if len(lambdas) <= MAX_ANNOTATED_GRID and len(densities) <= MAX_ANNOTATED_GRID:
-        lo, hi = (float(masked.min()), float(masked.max())) if masked.count() else (0.0, 1.0)
-        for j in range(len(densities)):
-            for i in range(len(lambdas)):
-                if not np.isfinite(grid[j, i]):
-                    ax.text(i, j, "no rows", ha="center", va="center", fontsize=7, color="0.5")
-                    continue
-                t = (grid[j, i] - lo) / (hi - lo) if hi > lo else 0.5
-                bright = t > 0.5 if run.mode == "max" else t < 0.5
-                ax.text(i, j, f"{grid[j, i]:.3g}", ha="center", va="center", fontsize=7,
-                        color="black" if bright else "white")
+        _annotate_cells(fig, ax, grid, scale, image.get_cmap())
     best = best_index(grid.ravel(), run.mode)
-    title = f"{method}: mean {label(run.objective)} over seeds"
+    title = f"{method}: {'mean ' if most > 1 else ''}{label(run.objective)}{' over seeds' if most > 1 else ''}"
     if best is not None:
         j, i = divmod(best, len(lambdas))
         ax.add_patch(Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5, zorder=5))
-        title += f"\nbest {fmt(grid[j, i])} at λ = {fmt(lambdas[i])}, density = {fmt(densities[j])}"
+        title += f"; best {fmt(grid[j, i])} at λ = {fmt(lambdas[i])}, density = {fmt(densities[j])}"
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("λ (scale of the merged task vectors)")
-    ax.set_ylabel("density (fraction of each task vector kept)")
+    ax.set_ylabel("density (fraction kept)")
+
+
+def _annotate_cells(fig: Any, ax: Any, grid: np.ndarray, scale: Scale, colours: Any) -> None:
+    """Each cell's value, in black or white against its colour, when the cells are big enough for the text."""
+    box = ax.get_position()  # before the layout, which only widens the axes: a cautious estimate
+    rows, columns = grid.shape
+    cell_w = box.width * fig.get_figwidth() * 72 / max(columns, 1)  # points
+    cell_h = box.height * fig.get_figheight() * 72 / max(rows, 1)
+    texts = {(j, i): f"{grid[j, i]:.3g}" if np.isfinite(grid[j, i]) else "no rows"
+             for j in range(rows) for i in range(columns)}
+    widest = max((len(t) for t in texts.values()), default=0)
+    if cell_w < widest * CHAR_WIDTH * MIN_FONT_SIZE + 4 or cell_h < 1.4 * MIN_FONT_SIZE:
+        return
+    norm = scale.norm()
+    for (j, i), text in texts.items():
+        if not np.isfinite(grid[j, i]):
+            ax.text(i, j, text, ha="center", va="center", fontsize=MIN_FONT_SIZE, color="0.5")
+            continue
+        r, g, b, _ = colours(float(np.clip(norm(grid[j, i]), 0.0, 1.0)))
+        light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
+        ax.text(i, j, text, ha="center", va="center", fontsize=MIN_FONT_SIZE, color="black" if light else "white")
+
 
 
 def _lambda_line(run: RunView, ax: Any, on: np.ndarray) -> None:
     lambdas = run.floats("lambda")[on]
     values = run.floats(run.objective)[on]
     xs, _, grid = pivot(lambdas, np.zeros_like(lambdas), values)
-    ax.plot(xs, grid[0], "-o", ms=4, color="C0", label="task_arithmetic (mean per λ)")
+    most = int(pivot_counts(lambdas, np.zeros_like(lambdas), values).max(initial=1))
+    ax.plot(xs, grid[0], "-o", ms=4, color="C0")
+    scale = value_scale(grid[0], run.mode)
+    scale.axis(ax, "y", grid[0])
     best = best_index(grid[0], run.mode)
+    title = f"task_arithmetic: {'mean ' if most > 1 else ''}{label(run.objective)} vs λ"
     if best is not None:
-        ax.plot(xs[best], grid[0][best], "*", ms=14, color="C3", mec="black", zorder=4,
-                label=f"best {fmt(grid[0][best])} at λ = {fmt(xs[best])}")
-    ax.set_title(f"task_arithmetic: {label(run.objective)} vs λ ({better(run.mode)})", fontsize=10)
+        ax.plot(xs[best], grid[0][best], "*", ms=14, color="C3", mec="black", zorder=4)
+        title += f"\nbest {fmt(grid[0][best])} at λ = {fmt(xs[best])}"
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("λ (scale of the summed task vectors)")
-    ax.set_ylabel(label(run.objective))
+    ax.set_ylabel(run.metric_label(run.objective, scale))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
 
 
 def _per_model_scatter(run: RunView, fig: Any, ax: Any, on: np.ndarray, method: str, columns: List[str]) -> None:
     l0, l1 = run.floats(columns[0])[on], run.floats(columns[1])[on]
     values = run.floats(run.objective)[on]
-    dots = ax.scatter(l0, l1, c=values, s=22, cmap="viridis" if run.mode == "max" else "viridis_r",
-                      edgecolors="none")
-    fig.colorbar(dots, ax=ax, label=f"{label(run.objective)} ({better(run.mode)}; brighter is better)")
+    scale = value_scale(values, run.mode)
+    dots = ax.scatter(l0, l1, c=values, s=22, cmap=cmap(run.mode), norm=scale.norm(), edgecolors="none")
+    scale.colorbar(fig, dots, ax, run.metric_label(run.objective, scale))
     best = best_index(values, run.mode)
+    title = f"{method}: one λ per model"
     if best is not None:
-        ax.plot(l0[best], l1[best], "*", ms=15, color="C3", mec="black", zorder=4,
-                label=f"best {fmt(values[best])}")
-        ax.legend(fontsize=7)
+        ax.plot(l0[best], l1[best], "*", ms=15, color="C3", mec="black", zorder=4)
+        title += f"\nbest {fmt(values[best])} (the star)"
     hidden = [f"λ{name[len('lambda_'):]}" for name in columns[2:]]
-    more = "" if not hidden else f" ({hidden[0] if len(hidden) == 1 else hidden[0] + ' … ' + hidden[-1]} not shown)"
-    ax.set_title(f"{method}: per-model coefficients{more}", fontsize=10)
+    if hidden:
+        title += f"; {hidden[0] if len(hidden) == 1 else hidden[0] + ' … ' + hidden[-1]} not shown"
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("λ0 (coefficient of model 0)")
     ax.set_ylabel("λ1 (coefficient of model 1)")
     ax.grid(alpha=0.3)
 
 
-def _merge_bars(run: RunView, folder: Path, entries: List[Tuple[str, float, int, str]]) -> Figure:
-    fig, (ax,) = figure(1, width=7.5, height=max(2.5, 0.42 * len(entries) + 1.3))
+def _merge_dots(run: RunView, folder: Path, entries: List[Tuple[str, float, int, str]]) -> Figure:
+    """merge-summary.png: one dot per entry on a value axis zoomed to the entries, with the base and the best
+    single model as reference lines: the merges that beat every model stand left (or right) of the second."""
+    fig, (ax,) = figure(1, width=7.8, height=max(2.6, 0.36 * len(entries) + 1.5))
     labels = [label(e[0]) for e in entries]
     values = np.array([e[1] for e in entries])
     best = best_index(values, run.mode)
-    colors = ["C3" if k == best else ("0.55" if e[0] in ("base",) or e[0].startswith("model") else "C0")
-              for k, e in enumerate(entries)]
     rows = np.arange(len(entries))
-    ax.barh(rows, values, color=colors)
-    ax.set_yticks(rows, labels, fontsize=8)
+    kinds = ["base" if e[0] == "base" else "model" if e[0].startswith("model") else "merge" for e in entries]
+    colours = ["C3" if k == best else {"base": "0.45", "model": "0.6", "merge": "C0"}[kind]
+               for k, kind in enumerate(kinds)]
+    for k in rows:
+        ax.plot([values[k]], [k], "o", ms=8, color=colours[k], mec="black" if k == best else "none", zorder=4)
+        ax.annotate(fmt(values[k]), (values[k], k), xytext=(8, 0), textcoords="offset points", va="center",
+                    fontsize=MIN_FONT_SIZE + 1, zorder=5,
+                    bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.85))
+    base = [v for v, kind in zip(values, kinds) if kind == "base"]
+    models = np.array([v for v, kind in zip(values, kinds) if kind == "model"])
+    if base:
+        ax.axvline(base[0], color="0.45", ls="--", lw=1.2, zorder=1, label=f"base ({fmt(base[0])})")
+    if len(models):
+        top = models[best_index(models, run.mode)]
+        ax.axvline(top, color="0.3", ls=":", lw=1.4, zorder=1, label=f"best single model ({fmt(top)})")
+    ax.set_yticks(rows, labels)
     ax.invert_yaxis()
-    span = float(np.nanmax(np.abs(values))) if len(values) else 1.0
-    for k, v in enumerate(values):
-        ax.text(v + 0.01 * span, k, fmt(v), va="center", fontsize=8)
-    ax.set_xlim(right=float(np.nanmax(values)) + 0.15 * span if np.nanmax(values) > 0 else None)
-    ax.set_xlabel(f"{label(run.objective)} ({better(run.mode)})")
-    ax.set_title(f"{label(run.name)}: base, models, soups and each method's best (best in red)", fontsize=10)
+    scale = value_scale(values, run.mode)
+    scale.axis(ax, "x", values)
+    ax.margins(x=0.12)
+    ax.set_xlabel(run.metric_label(run.objective, scale))
+    ax.set_title(f"{label(run.name)}: base, models, soups and each method's best ({better(run.mode)}; "
+                 f"best in red)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+    if base or len(models):
+        fig.legend(loc="outside lower center", ncol=2, fontsize=MIN_FONT_SIZE + 1, frameon=False)
     path = folder / "merge-summary.png"
     save(fig, path)
     return Figure(path, f"{run.objective} of the base, each model, the uniform soup, the final greedy soup and the "
-                        f"best row of each merge method; the overall best bar is red.")
+                        f"best row of each merge method, one dot each; the overall best is red, the dashed line "
+                        f"is the base and the dotted line the best single model.")

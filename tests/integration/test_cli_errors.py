@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +11,8 @@ import yaml
 from tests.conftest import edited_quickstart, sweep_cli
 
 pytestmark = pytest.mark.integration
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "sweep/examples/checkpoints"
 
 
 def write_config(repo, tmp_path, **changes):
@@ -28,6 +31,12 @@ def write_config(repo, tmp_path, **changes):
         ({"model__factory": "sweep.examples.nothere:make_model"}, "model.factory: cannot import module"),
         ({"metrics__function": "sweep.examples.digits:nometrics"}, "metrics.function: module 'sweep.examples.digits' has no attribute"),
         ({"data__loader": "not-an-import-path"}, "data.loader:"),
+        ({"model__weights": str(CHECKPOINTS / "bad-hidden32.safetensors")},
+         f"model.weights {CHECKPOINTS / 'bad-hidden32.safetensors'} does not fit the module built by "
+         f"sweep.examples.digits:make_model {{hidden: 64}}: 0.weight: module has shape (64×64) float32, file has "
+         f"shape (32×64) float32; "),
+        ({"model__weights": str(CHECKPOINTS / "bad-truncated.safetensors")},
+         f"model.weights: {CHECKPOINTS / 'bad-truncated.safetensors'}: truncated safetensors file"),
     ],
 )
 def test_bad_config_fails_before_any_worker(repo, tmp_path, changes, expected):

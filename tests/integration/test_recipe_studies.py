@@ -43,8 +43,9 @@ def test_perturb_on_workers_is_reproducible_and_exactly_once(repo, tmp_path, ray
     second = run(repo_config(repo, "perturb.yaml", name="p2", **{**changes, "workers.count": 1}), tmp_path, progress=False)
     t1 = ds.dataset(str(first.results_dir), format="parquet").to_table().sort_by("candidate_id")
     t2 = ds.dataset(str(second.results_dir), format="parquet").to_table().sort_by("candidate_id")
-    assert t1.num_rows == 3000 and t1.column("candidate_id").to_pylist() == list(range(3000))
+    assert t1.num_rows == 3001 and t1.column("candidate_id").to_pylist() == list(range(3001))
     assert t1.column("seed").to_pylist() == t2.column("seed").to_pylist()
+    assert t1.column("seed")[3000].as_py() is None  # the unperturbed base, last
     # Two workers or one, batches in any order: the same seeds give the same candidates.
     # (Chunk sizes are measured per worker, so equal to float rounding, not bit for bit.)
     assert np.allclose(t1.column("loss").to_numpy(), t2.column("loss").to_numpy(), rtol=1e-6, atol=0)
@@ -58,6 +59,9 @@ def test_perturb_on_workers_is_reproducible_and_exactly_once(repo, tmp_path, ray
     params = {n: base[n] + config.study.sigma * e for n, e in eps.items()}
     expected = digits_reference(module, params, digits.eval_batches())
     assert t1.column("loss")[7].as_py() == pytest.approx(expected["loss"], rel=1e-5)
+    # The last row is the base itself.
+    expected = digits_reference(module, {n: base[n] for n in names}, digits.eval_batches())
+    assert t1.column("loss")[3000].as_py() == pytest.approx(expected["loss"], rel=1e-5)
 
 
 def test_batches_carry_rows_not_weights(repo):

@@ -52,6 +52,7 @@ def perturb_raw(repo, name, count, **changes):
     raw["name"] = name
     raw["study"]["base"] = str(repo / "sweep/examples/checkpoints/seed0-epoch30.safetensors")
     raw["study"]["count"] = count
+    raw["study"]["base_row"] = False  # exactly `count` rows
     raw["workers"] = {"count": 1, "batch_size": 250}
     raw["sinks"] = {"mlflow": {"enabled": False}}
     for dotted, value in changes.items():

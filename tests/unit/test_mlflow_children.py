@@ -20,7 +20,7 @@ from sweep import SweepError
 from sweep.config import flatten, parse_config
 from sweep.results import LINEAGE, RECIPE, column, results_schema
 from sweep.sinks import SinkContext, check_columns, open_sinks
-from sweep.sinks.mlflow import NONFINITE_SUFFIX, Children, MlflowSink, children_of, columns_logged
+from sweep.sinks.mlflow import NONFINITE_SUFFIX, Children, MlflowSink, children_of, columns_logged, resolve_tracking_uri
 from tests.conftest import REPO, edited_quickstart
 
 METRICS = ["loss", "accuracy"]
@@ -292,8 +292,9 @@ def test_a_sink_opened_for_a_training_schema_logs_children(tmp_path, uri):
     for g in range(2):
         opened.write(generation(g, 4).cast(schema))
     opened.close({"completed": True})
-    assert opened.warnings == [] and opened.outcome() == {"mlflow_run_id": opened.run_id, "mlflow_missed_metrics": 0}
-    assert recorded == [{"mlflow_run_id": opened.run_id}]
+    assert opened.warnings == [] and opened.outcome() == {
+        "mlflow_run_id": opened.run_id, "mlflow_tracking_uri": resolve_tracking_uri(uri), "mlflow_missed_metrics": 0}
+    assert recorded == [{"mlflow_tracking_uri": resolve_tracking_uri(uri)}, {"mlflow_run_id": opened.run_id}]
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(opened.run_id)
     assert run.data.tags["sweep.workers"] == "2" and "sweep.git_commit" in run.data.tags

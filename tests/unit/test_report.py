@@ -25,7 +25,7 @@ import sweep.config as config
 import sweep.report as report
 import sweep.studies as studies
 from sweep.errors import SweepError
-from sweep.plotting import Figure, RunView, figure, save
+from sweep.plotting import DPI, PAGE_WIDTH_PX, Figure, RunView, figure, save
 from sweep.report import best_rows, metric_mode, write_report
 from sweep.results import LINEAGE, RECIPE, column, results_schema
 from sweep.settings import Section
@@ -386,7 +386,8 @@ def test_landscape_2d_contours_with_the_models_marked(tmp_path):
     items = summary_items(page)
     assert "best loss: 0.01 at x = 0.25, y = 0.5" in items
     assert "loss at model 0: 0.3225" in items  # 0.01 + 0.25² + 0.5²
-    assert "model 0, model 1, model 2 and the best point marked; log-scale levels for loss" in page
+    assert "model 0, model 1, model 2 and the best point marked; log scale for loss." in page
+    assert "(one value per grid point)" in page
 
 
 def test_landscape_1d_random_direction(tmp_path):
@@ -397,7 +398,7 @@ def test_landscape_1d_random_direction(tmp_path):
     check_png(result.figures[0])
     items = summary_items(result.html.read_text(encoding="utf-8"))
     assert "best loss: 0.01 at x = 0.25" in items
-    assert "loss at centre: 0.0725" in items
+    assert "loss at the centre: 0.0725" in items
 
 
 # --------------------------------------------------------------------------- merge
@@ -453,8 +454,15 @@ def test_merge_report(tmp_path):
     assert result.figures == [folder / "merge.png", folder / "merge-summary.png", folder / "objective.png"]
     for path in result.figures:
         check_png(path)
-    check_png(folder / "merge.png", min_width=1500)  # ties, dare, task_arithmetic, per-model: four panels
+    # ties and dare as heat maps a row each, the page's width; task_arithmetic and per-model side by side below
+    image = check_png(folder / "merge.png", min_height=2 * 3.4 * DPI + 3.6 * DPI - 1, min_width=PAGE_WIDTH_PX)
+    assert image.shape[1] == PAGE_WIDTH_PX
     page = result.html.read_text(encoding="utf-8")
+    caption = re.search(r'<figure id="merge">.*?<figcaption>(.*?)</figcaption>', page, re.S).group(1)
+    # ties has two seeds in a cell: a mean; dare one row per cell; per-model rows of a grid search (the default)
+    assert "ties as a heat map over λ × density (the mean over up to 2 seeds per cell" in caption
+    assert "dare as a heat map over λ × density (one row per cell" in caption
+    assert "ties with one λ per model (on a grid, λ0 against λ1" in caption and "random" not in caption
     items = summary_items(page)
     assert "best base: loss = 2 (candidate 0)" in items
     assert "best ties: loss = -8 (candidate 11; λ = 1, density = 0.8, seed = 0, λ0 = 0.3, λ1 = 0.6)" in items

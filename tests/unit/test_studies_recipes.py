@@ -297,16 +297,23 @@ def test_interpolate_endpoint_mismatch_is_a_config_error(tmp_path):
 def test_perturb_seeds_and_skip(tmp_path):
     study = pert.Perturb(pert.Config.model_validate({"kind": "perturb", "sigma": 0.1, "count": 10, "seed": 3}))
     batches = list(study.batches(4))
-    assert [list(b.ids) for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    for b in batches:
+    assert len(study) == 11  # the base is the last row
+    assert [list(b.ids) for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10]]
+    for b in batches[:-1]:
         assert b.source.rows.seeds.tolist() == [3 * 2**32 + k for k in b.ids]
         assert b.source.key == study.key
+    assert isinstance(batches[-1].source.rows, pert.BaseRow) and batches[-1].source.key == study.key
+    assert batches[-1].source_columns()["seed"].to_pylist() == [None]
     skip = frozenset({1, 4, 5, 6, 7, 9})
     kept = list(study.batches(4, skip))
-    assert [i for b in kept for i in b.ids] == [0, 2, 3, 8]
+    assert [i for b in kept for i in b.ids] == [0, 2, 3, 8, 10]
     assert all(0 < len(b) <= 4 for b in kept)
-    for b in kept:
+    for b in kept[:-1]:
         assert b.source.rows.seeds.tolist() == [3 * 2**32 + k for k in b.ids]
+    assert [i for b in study.batches(4, frozenset({10})) for i in b.ids] == list(range(10))
+    without = pert.Perturb(pert.Config.model_validate({"kind": "perturb", "sigma": 0.1, "count": 10,
+                                                       "base_row": False}))
+    assert len(without) == 10 and [i for b in without.batches(4) for i in b.ids] == list(range(10))
 
     top = pert.Perturb(pert.Config.model_validate({"kind": "perturb", "sigma": 0.1, "count": 3, "seed": 2**31 - 1}))
     seeds = next(iter(top.batches(8))).source.rows.seeds
@@ -319,7 +326,7 @@ def test_perturb_from_file_matches_reference_and_repeats(tmp_path):
     name = write(tmp_path, "base.safetensors", base)
     config = full_config({"kind": "perturb", "base": name, "sigma": 0.05, "count": 7, "seed": 1}, tmp_path)
     study = plan(config.study)
-    assert isinstance(study, pert.Perturb) and len(study) == 7
+    assert isinstance(study, pert.Perturb) and len(study) == 8
     assert study.columns == {"seed": pa.int64()}
     module = build_module(config.model.factory, config.model.kwargs)  # its own weights differ from base
     data = reg_data()
@@ -328,13 +335,13 @@ def test_perturb_from_file_matches_reference_and_repeats(tmp_path):
     assert first.to_pylist() == second.to_pylist()
     assert first.column_names == ["candidate_id", "status", "error", "seed", "mse", "l1"]
     seeds = [2**32 + k for k in range(7)]
-    assert first.column("seed").to_pylist() == seeds
-    want = ref_loop(module, [noise_by_hand(module, base, 0.05, s) for s in seeds], data, reg_metrics)
+    assert first.column("seed").to_pylist() == seeds + [None]  # the unperturbed base last
+    want = ref_loop(module, [noise_by_hand(module, base, 0.05, s) for s in seeds] + [base], data, reg_metrics)
     for got, w in zip(first.to_pylist(), want):
         check_rel(got, w)
     # other batch and chunk sizes, and skipping, give the same candidates
     other = run_study(study, module, data, reg_metrics, batch_size=2, chunk_size=5, skip=frozenset({2, 5}))
-    assert other.column("candidate_id").to_pylist() == [0, 1, 3, 4, 6]
+    assert other.column("candidate_id").to_pylist() == [0, 1, 3, 4, 6, 7]
     for got in other.to_pylist():
         check_rel(got, want[got["candidate_id"]], 1e-6)
 
@@ -347,7 +354,8 @@ def test_perturb_base_null_perturbs_module_weights(tmp_path):
     data = reg_data()
     table = run_study(study, module, data, reg_metrics, batch_size=2)
     again = run_study(study, module, data, reg_metrics, batch_size=5)
-    want = ref_loop(module, [noise_by_hand(module, own, 0.1, k) for k in range(5)], data, reg_metrics)
+    want = ref_loop(module, [noise_by_hand(module, own, 0.1, k) for k in range(5)] + [own], data, reg_metrics)
+    assert table.num_rows == 6
     for got, w in zip(table.to_pylist(), want):
         check_rel(got, w)
     for a, b in zip(table.to_pylist(), again.to_pylist()):
@@ -378,6 +386,7 @@ def test_perturb_base_from_batchnorm_state_dict(tmp_path):
         return {"loss": F.cross_entropy(out, y)}
 
     table = run_study(study, cnn, data, metrics, batch_size=4)
-    want = ref_loop(cnn, [noise_by_hand(cnn, base, 0.05, k) for k in range(3)], data, metrics)
+    want = ref_loop(cnn, [noise_by_hand(cnn, base, 0.05, k) for k in range(3)] + [base], data, metrics)
+    assert table.num_rows == 4
     for got, w in zip(table.to_pylist(), want):
         check_rel(got, w)
