@@ -251,14 +251,15 @@ def test_perturb_study_rows_equal_the_contract():
     for batch in study.batches(4):
         rows += ev.run_rows(batch.source.rows, batch.source.key, ids=batch.ids).to_pylist()
     seeds = [4 * 2**32 + k for k in range(9)]
-    assert [r["seed"] for r in rows] == seeds and [r["candidate_id"] for r in rows] == list(range(9))
+    assert [r["seed"] for r in rows] == seeds + [None]  # the unperturbed base last
+    assert [r["candidate_id"] for r in rows] == list(range(10))
     own = {n: p.detach().clone() for n, p in module.named_parameters()}
     sizes = [t.numel() for t in own.values()]
     want = []
     for s in seeds:
         eps = torch.split(noise_by_contract(s, sum(sizes)), sizes)
         want.append({n: own[n] + 0.02 * e.reshape(own[n].shape) for n, e in zip(own, eps)})
-    check_rel(rows, reference_eval(module, want, data, mse))
+    check_rel(rows, reference_eval(module, want + [own], data, mse))
 
 
 # --------------------------------------------------------------------------- DARE masks
