@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -16,6 +17,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -23,9 +25,12 @@ BIN = Path(sys.executable).parent
 # The chunk-size cache stays out of the user's home during tests (Ray workers inherit this).
 os.environ["SWEEP_CACHE_DIR"] = "off"
 
-# Hypothesis keeps its example database in memory: nothing of a test run lands in the checkout.
+# Hypothesis keeps its example database in memory and its other files (the constants it collects from
+# the source) in a temporary folder removed at the end: nothing of a test run lands in the checkout.
 settings.register_profile("sweep", database=None)
 settings.load_profile("sweep")
+HYPOTHESIS_HOME = Path(tempfile.mkdtemp(prefix="sweep-tests-hypothesis-"))
+set_hypothesis_home_dir(HYPOTHESIS_HOME)
 
 #: What the tests may leave in the checkout: the environment they run in and Python's byte code.
 CHECKOUT_OWN = frozenset({".git", ".venv", "__pycache__", ".pytest_cache", "sweep.egg-info"})
@@ -53,6 +58,7 @@ def pytest_sessionstart(session):
 def pytest_sessionfinish(session, exitstatus):
     """Tests write only under their temporary folders: a file the run added to the checkout or changed
     there (an MLflow store, `mlruns/` artifacts, a results folder) fails the run, naming the files."""
+    shutil.rmtree(HYPOTHESIS_HOME, ignore_errors=True)
     before = session.config.stash.get(_CHECKOUT, None)
     if before is None:
         return
