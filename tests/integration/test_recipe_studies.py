@@ -60,7 +60,7 @@ def test_perturb_on_workers_is_reproducible_and_exactly_once(repo, tmp_path, ray
     expected = digits_reference(module, params, digits.eval_batches())
     assert t1.column("loss")[7].as_py() == pytest.approx(expected["loss"], rel=1e-5)
     # The last row is the base itself.
-    expected = digits_reference(module, {n: base[n] for n in names}, digits.eval_batches())
+    expected = digits_reference(module, {n: base[n] for n in eps}, digits.eval_batches())
     assert t1.column("loss")[3000].as_py() == pytest.approx(expected["loss"], rel=1e-5)
 
 
