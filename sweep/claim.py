@@ -35,6 +35,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -56,6 +57,8 @@ CLAIM_NAMES = (CLAIM_FILE, CLAIMS_FOLDER)
 MAX_RECORD_BYTES = 64 * 1024
 #: Times a local claim is tried while other sweeps remove the file it locked (each had just ended).
 MAX_LOCK_TRIES = 20
+#: How long a refused sweep waits for the holder's record to appear (it is written right after locking).
+HOLDER_WAIT_S = 2.0
 
 
 def holder_record() -> Dict[str, Any]:
@@ -146,8 +149,9 @@ class _LocalClaim:
                 same = False
             if same:
                 self.fd = fd
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(holder_record()).encode(), 0)
+                record = json.dumps(holder_record()).encode()
+                os.pwrite(fd, record, 0)  # then cut: the file is never empty once a holder has written
+                os.ftruncate(fd, len(record))
                 return
             os.close(fd)  # locked a file its holder removed on the way out: again, with the new one
         self.release()
@@ -169,7 +173,7 @@ class _LocalClaim:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise SweepError(f"cannot lock {self.path}: {e.strerror or e}; this file system may not "
                                  f"support locks: give --out on a local disk") from None
-            raise SweepError(_refusal(folder, describe_holder(_read_record(self.path)),
+            raise SweepError(_refusal(folder, describe_holder(_read_holder(self.path)),
                                       "wait for it to finish, or stop it")) from None
         return fd
 
@@ -197,6 +201,17 @@ def _missing_folders(folder: Path) -> List[Path]:
             break
         missing.append(path)
     return missing
+
+
+def _read_holder(path: Path) -> Optional[Dict[str, Any]]:
+    """The record of the sweep that holds the lock on `path`. A holder writes it right after locking, so
+    a sweep refused in between waits a moment (at most HOLDER_WAIT_S) for it rather than name nobody."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        record = _read_record(path)
+        if isinstance(record, dict) and "pid" in record or time.monotonic() >= deadline:
+            return record
+        time.sleep(0.01)
 
 
 def _read_record(path: Path) -> Optional[Dict[str, Any]]:

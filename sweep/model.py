@@ -271,19 +271,23 @@ def write_weights_file(state: Mapping[str, torch.Tensor], path: str | Path,
     return path
 
 
-def _load_safetensors(data: bytes, name: str) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    if len(data) < 8:
-        raise WeightsError(f"{name}: not a safetensors file: {len(data)} bytes, shorter than its 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
+def safetensors_header_length(first: bytes, size: int, name: str) -> int:
+    """The header length a safetensors file's first 8 bytes give, checked against the limit and the file's
+    `size`; `WeightsError` naming `name` when the file cannot hold it."""
+    if len(first) < 8:
+        raise WeightsError(f"{name}: not a safetensors file: {len(first)} bytes, shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", first[:8])
     if header_len > MAX_SAFETENSORS_HEADER:
         raise WeightsError(f"{name}: safetensors header claims {header_len} bytes, over the {MAX_SAFETENSORS_HEADER}-byte limit")
-    if 8 + header_len > len(data):
+    if 8 + header_len > size:
         raise WeightsError(
-            f"{name}: truncated safetensors file: header claims {header_len} bytes, file has {len(data)} bytes"
+            f"{name}: truncated safetensors file: header claims {header_len} bytes, file has {size} bytes"
         )
+    return header_len
+
+
+def parse_safetensors_header(text: bytes, name: str) -> Dict[str, Any]:
+    """A safetensors header as a dict: JSON, one object, no name given twice (in it or in one entry)."""
     repeated: List[Optional[str]] = []  # per JSON object, in parse order: a key it holds twice, or None
 
     def no_repeats(pairs: List[Any]) -> Dict[str, Any]:
@@ -292,7 +296,7 @@ def _load_safetensors(data: bytes, name: str) -> Dict[str, torch.Tensor]:
         return dict(pairs)
 
     try:
-        header = json.loads(data[8 : 8 + header_len], object_pairs_hook=no_repeats)
+        header = json.loads(text, object_pairs_hook=no_repeats)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{name}: not a safetensors file: its header is not JSON ({e})") from None
     except RecursionError:
@@ -304,6 +308,15 @@ def _load_safetensors(data: bytes, name: str) -> Dict[str, torch.Tensor]:
     if any(repeated):
         raise WeightsError(f"{name}: invalid safetensors file: its header lists "
                            f"{next(key for key in repeated if key)!r} twice in one entry")
+    return header
+
+
+def _load_safetensors(data: bytes, name: str) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    header_len = safetensors_header_length(data[:8], len(data), name)
+    header = parse_safetensors_header(data[8 : 8 + header_len], name)
     ends = [
         entry["data_offsets"][1]
         for key, entry in header.items()

@@ -24,11 +24,9 @@ per distinct problem.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import stat
-import struct
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,8 +37,9 @@ import torch
 
 from .errors import ConfigError, WeightsError
 from .messages import first_line
-from .model import (MAX_SAFETENSORS_HEADER, MAX_UNCOMPRESSED_EXTRA, MAX_UNCOMPRESSED_RATIO, SAFETENSORS_SUFFIXES,
-                    TORCH_SUFFIXES, build_module, describe_file, import_callable)
+from .model import (MAX_UNCOMPRESSED_EXTRA, MAX_UNCOMPRESSED_RATIO, SAFETENSORS_SUFFIXES,
+                    TORCH_SUFFIXES, build_module, describe_file, import_callable,
+                    parse_safetensors_header, safetensors_header_length)
 from .validate import Schema, describe
 
 #: A misfit spells out at most this many keys; the rest are counted ("and 12 more keys").
@@ -83,24 +82,9 @@ def read_safetensors_header(path: str) -> Dict[str, TensorSpec]:
         raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
     with open(fd, "rb") as f:
         size = os.fstat(fd).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{path}: not a safetensors file: {len(head)} bytes, shorter than its 8-byte "
-                               f"header length")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_SAFETENSORS_HEADER:
-            raise WeightsError(f"{path}: safetensors header claims {header_len} bytes, over the "
-                               f"{MAX_SAFETENSORS_HEADER}-byte limit")
-        if 8 + header_len > size:
-            raise WeightsError(f"{path}: truncated safetensors file: header claims {header_len} bytes, "
-                               f"file has {size} bytes")
+        header_len = safetensors_header_length(f.read(8), size, path)
         text = f.read(header_len)
-    try:
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise WeightsError(f"{path}: not a safetensors file: its header is not JSON ({first_line(e)})") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path}: not a safetensors file: its header is not a JSON object")
+    header = parse_safetensors_header(text, path)
     entries: Dict[str, TensorSpec] = {}
     end = 0
     for key, entry in header.items():

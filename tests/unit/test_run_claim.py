@@ -72,6 +72,43 @@ def test_a_second_claim_is_refused_naming_the_holder_until_the_holder_is_killed(
     assert not (run_dir / CLAIM_FILE).exists()
 
 
+def test_a_sweep_refused_before_the_holder_wrote_its_record_waits_for_it(tmp_path):
+    """The holder locks first and writes who it is right after; a sweep refused in that moment names it."""
+    import fcntl
+    import threading
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    fd = os.open(folder / CLAIM_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, nothing written yet
+    record = {"host": "h1", "pid": 4242, "since": "2026-01-01T00:00:00+00:00", "command": "sweep run a.yaml"}
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, json.dumps(record).encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(SweepError) as refused:
+            claim(folder, str(folder / "results"))
+        assert "in use by another sweep: pid 4242 on host h1 since 2026-01-01" in str(refused.value)
+        assert "(`sweep run a.yaml`)" in str(refused.value)
+    finally:
+        writer.join()
+        os.close(fd)
+
+
+def test_a_holder_that_never_writes_its_record_is_described_as_such(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setattr(sweep.claim, "HOLDER_WAIT_S", 0.1)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    fd = os.open(folder / CLAIM_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(SweepError, match=r"another sweep \(it has not said who it is yet\)"):
+            claim(folder, str(folder / "results"))
+    finally:
+        os.close(fd)
+
+
 def test_one_process_cannot_claim_a_run_folder_twice(tmp_path):
     with claim(tmp_path / "run", str(tmp_path / "run" / "results")):
         with pytest.raises(SweepError, match=f"pid {os.getpid()} on host"):
