@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="only models whose name contains one of these (mlp-32, mlp-784, gpt, cnn)")
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to compile on CPUs)")
     bench.add_argument("--scale", type=float, default=1.0, help="multiply every candidate count (default 1)")
+    bench.add_argument("--no-forms", action="store_true",
+                       help="leave out the candidate forms (explicit dicts, Stacked, Noise, EvoTorch)")
+    bench.add_argument("--no-first-call", action="store_true",
+                       help="leave out the first call in fresh processes")
 
     show = sub.add_parser("show", help="print a run's results (streamed; nothing is loaded whole)")
     show.add_argument("run", help="a run folder (runs/<name>), a results folder or a results URI")
@@ -101,7 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 if not torch.cuda.is_available():
                     raise SweepError(f"--device {args.device}: torch sees no CUDA device on this machine")
-            return bench_main(args.device, args.json, args.models, not args.no_compile, args.scale)
+            return bench_main(args.device, args.json, args.models, not args.no_compile, args.scale,
+                              forms=not args.no_forms, first=not args.no_first_call)
     except ConfigError as e:
         print(f"sweep: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG

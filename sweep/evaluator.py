@@ -30,6 +30,7 @@ from .chunking import forget as forget_chunk_size
 from .errors import SweepError
 from .messages import first_line
 from .recipes import Prepared, Recipe, Rows, anchor_key
+from .results import arrow_array
 from .stacked import Population, Stacked
 from .types import FAILED, INVALID, OK, Batch, Invalid, MetricsFn
 from .validate import FastCheck, Plan, Schema, bad_rows
@@ -296,7 +297,7 @@ class Evaluator:
                         raise
                     # Materialising the chunk did not fit: smaller chunks from here on.
                     prepared.release()
-                    self.chunk_size = max(1, (stop - start) // 2)
+                    self._shrink_chunk((stop - start) // 2)
                     continue
                 chunks.append((chunk, time.perf_counter() - t0))
                 start = stop
@@ -540,11 +541,15 @@ class Evaluator:
             trial = self.trial()
             self.chunk_size, self.strategy, self.strategy_reason = choose_chunk_size(trial, limit)
             self._auto_chunk = (chunk_key(trial, limit), self.chunk_size)
-        elif self._auto_chunk is not None and self.chunk_size < self._auto_chunk[1]:
-            # The chosen chunk ran out of memory here and was halved: the next process measures again.
+        return self.chunk_size
+
+    def _shrink_chunk(self, size: int) -> None:
+        """Chunks of `size` from here on (one ran out of memory); a choice kept for later processes is
+        dropped at once, so the next process measures again."""
+        self.chunk_size = max(1, size)
+        if self._auto_chunk is not None and self.chunk_size < self._auto_chunk[1]:
             forget_chunk_size(self._auto_chunk[0])
             self._auto_chunk = None
-        return self.chunk_size
 
     def trial(self) -> Trial:
         """What `sweep.chunking` measures to choose the chunk size and the strategy: the module's own weights
@@ -585,7 +590,7 @@ class Evaluator:
                 if is_out_of_memory(e) and len(rows) > 1:
                     # Too big for the device: halve the chunk (and every later one) and try again.
                     half = len(rows) // 2
-                    self.chunk_size = max(1, min(self.chunk_size or half, half))
+                    self._shrink_chunk(min(self.chunk_size or half, half))
                     warnings.warn(f"sweep: a chunk of {len(rows)} candidates ran out of memory; "
                                   f"chunks are now {self.chunk_size}", RuntimeWarning, stacklevel=3)
                     for part in (slice(0, half), slice(half, len(rows))):
@@ -847,17 +852,17 @@ class Evaluator:
                 errors[offset + i] = text
             offset += c.k
         columns: Dict[str, Any] = {
-            "candidate_id": pa.array(np.asarray(ids, dtype=np.int64)),
-            "status": pa.array(_STATUS_NAMES[codes], pa.string()),
-            "error": pa.array(errors, pa.string()),
+            "candidate_id": arrow_array(np.asarray(ids, dtype=np.int64)),
+            "status": arrow_array(_STATUS_NAMES[codes], pa.string()),
+            "error": arrow_array(errors, pa.string()),
         }
         columns.update(recipe_columns)
         ok = codes == 0
         for name in self.metric_names or ():
             values = np.concatenate([c.values.get(name, np.full(c.k, np.nan)) for c, _ in chunks]) if chunks else np.array([])
-            columns[name] = pa.array(values, pa.float64(), mask=~ok)
+            columns[name] = arrow_array(values, pa.float64(), mask=~ok)
         if timing:
-            columns["eval_seconds"] = pa.array(
+            columns["eval_seconds"] = arrow_array(
                 np.concatenate([np.full(c.k, t / max(c.k, 1)) for c, t in chunks]) if chunks else np.array([]),
                 pa.float64())
         return pa.table(columns)

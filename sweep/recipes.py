@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from . import noise
+from .results import arrow_array
 from .types import ParamDict
 
 AnchorSet = Dict[str, Dict[str, torch.Tensor]]
@@ -168,8 +169,8 @@ class AffineRows:
 
     def columns(self) -> Dict[str, pa.Array]:
         if self.extra is not None:
-            return {name: pa.array(values) for name, values in self.extra.items()}
-        return {name: pa.array(self.coeffs[:, d], pa.float64()) for d, name in enumerate(self.names)}
+            return {name: arrow_array(values) for name, values in self.extra.items()}
+        return {name: arrow_array(self.coeffs[:, d], pa.float64()) for d, name in enumerate(self.names)}
 
     def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         base = prepared.flats["base"]
@@ -206,7 +207,7 @@ class NoiseRows:
         return NoiseRows(self.seeds[start:stop], self.sigma)
 
     def columns(self) -> Dict[str, pa.Array]:
-        return {"seed": pa.array(self.seeds, pa.int64())}
+        return {"seed": arrow_array(self.seeds, pa.int64())}
 
     def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         base = prepared.flats["base"]
@@ -276,8 +277,8 @@ class SlerpRows:
 
     def columns(self) -> Dict[str, pa.Array]:
         if self.extra is not None:
-            return {name: pa.array(values) for name, values in self.extra.items()}
-        return {"t": pa.array(self.t, pa.float64())}
+            return {name: arrow_array(values) for name, values in self.extra.items()}
+        return {"t": arrow_array(self.t, pa.float64())}
 
     def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         base = prepared.flats["base"]
@@ -396,12 +397,12 @@ class MergeRows:
 
     def columns(self) -> Dict[str, pa.Array]:
         if self.extra is not None:
-            return {name: pa.array(values) for name, values in self.extra.items()}
-        out = {"density": pa.array(self.densities, pa.float64()), "seed": pa.array(self.seeds, pa.int64())}
+            return {name: arrow_array(values) for name, values in self.extra.items()}
+        out = {"density": arrow_array(self.densities, pa.float64()), "seed": arrow_array(self.seeds, pa.int64())}
         if self.lambdas.ndim == 2:
-            out.update({f"lambda_{i}": pa.array(self.lambdas[:, i], pa.float64()) for i in range(self.lambdas.shape[1])})
+            out.update({f"lambda_{i}": arrow_array(self.lambdas[:, i], pa.float64()) for i in range(self.lambdas.shape[1])})
         else:
-            out["lambda"] = pa.array(self.lambdas, pa.float64())
+            out["lambda"] = arrow_array(self.lambdas, pa.float64())
         return out
 
     def materialise(self, prepared: Prepared, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:

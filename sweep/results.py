@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -22,6 +23,99 @@ ROLES = (KEY, OUTCOME, RECIPE, LINEAGE, METRIC, PROVENANCE)
 LEADING = (("candidate_id", pa.int64(), KEY), ("status", pa.string(), OUTCOME), ("error", pa.string(), OUTCOME))
 TRAILING = (("worker", pa.string(), PROVENANCE), ("node", pa.string(), PROVENANCE),
             ("eval_seconds", pa.float64(), PROVENANCE))
+
+
+#: Most bytes a string column is built from directly (Arrow's `string` has 32-bit offsets).
+_MAX_STRING_BYTES = 2**31 - 1
+
+
+def arrow_array(values: Any, type: Optional[pa.DataType] = None, mask: Optional[np.ndarray] = None) -> pa.Array:
+    """`pa.array(values, type, mask=mask)` for what results columns hold, built from buffers.
+
+    `pa.array` and `pa.scalar` import pandas on their first call (pyarrow looks for pandas objects),
+    ~0.3 s of a one-shot `sweep.evaluate` in a fresh process. Numbers and bools in a 1-D numpy array,
+    and strings with None in a list or a numpy array, are built here without it; anything else goes to
+    `pa.array`. `mask`: True where the value is null. NaN stays a value, as with `pa.array`.
+    """
+    array = _numpy_array(values, type, mask) if isinstance(values, np.ndarray) and values.ndim == 1 else None
+    if array is None and (isinstance(values, (list, tuple)) or (isinstance(values, np.ndarray) and values.ndim == 1
+                                                                 and values.dtype.kind in "OU")):
+        array = _string_array(values, type, mask)
+    if array is None:
+        return pa.array(values, type, mask=mask)
+    return array
+
+
+def _validity(mask: Optional[np.ndarray], n: int):
+    """(validity bitmap buffer or None, null count) for a null `mask` of n rows."""
+    if mask is None:
+        return None, 0
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (n,):
+        raise ValueError(f"mask has shape {mask.shape}, expected ({n},)")
+    nulls = int(mask.sum())
+    if nulls == 0:
+        return None, 0
+    return pa.py_buffer(np.packbits(~mask, bitorder="little")), nulls
+
+
+def _numpy_array(values: np.ndarray, type: Optional[pa.DataType], mask: Optional[np.ndarray]) -> Optional[pa.Array]:
+    if values.dtype.kind not in "biuf":
+        return None
+    if type is None:
+        type = pa.from_numpy_dtype(values.dtype)
+    if type == pa.bool_():
+        if values.dtype.kind != "b":
+            return None
+        data = pa.py_buffer(np.packbits(values, bitorder="little"))
+    elif pa.types.is_integer(type) or pa.types.is_floating(type):
+        if pa.types.is_integer(type) and values.dtype != pa_dtype(type):
+            return None  # pa.array's rules for other numbers into integers (and its errors) apply
+        data = pa.py_buffer(np.ascontiguousarray(values, dtype=pa_dtype(type)))
+    else:
+        return None
+    validity, nulls = _validity(mask, len(values))
+    return pa.Array.from_buffers(type, len(values), [validity, data], null_count=nulls)
+
+
+def pa_dtype(type: pa.DataType) -> np.dtype:
+    """The numpy dtype of an Arrow integer or floating type (without pandas: `to_pandas_dtype` imports it)."""
+    return np.dtype({pa.float64(): "float64", pa.float32(): "float32", pa.float16(): "float16",
+                     pa.int64(): "int64", pa.int32(): "int32", pa.int16(): "int16", pa.int8(): "int8",
+                     pa.uint64(): "uint64", pa.uint32(): "uint32", pa.uint16(): "uint16",
+                     pa.uint8(): "uint8"}[type])
+
+
+def _string_array(values: Any, type: Optional[pa.DataType], mask: Optional[np.ndarray]) -> Optional[pa.Array]:
+    if type is not None and type != pa.string():
+        return None
+    if len(values) == 0:
+        return pa.Array.from_buffers(pa.string(), 0, [None, pa.py_buffer(np.zeros(1, np.int32)), pa.py_buffer(b"")]) \
+            if type is not None else None
+    nulls = np.zeros(len(values), dtype=bool) if mask is None else np.array(mask, dtype=bool)
+    if nulls.shape != (len(values),):
+        return None  # pa.array names the problem
+    parts = []
+    strings = False
+    for i, value in enumerate(values):
+        if value is None:
+            nulls[i] = True
+            parts.append(b"")
+        elif isinstance(value, str):
+            strings = True
+            parts.append(b"" if nulls[i] else value.encode())
+        else:
+            return None  # not a string column: pa.array decides
+    if not strings and type is None:
+        return None  # all None: pa.array's null column
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    if lengths.sum() > _MAX_STRING_BYTES:
+        return None
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    validity, count = _validity(nulls, len(parts))
+    return pa.Array.from_buffers(pa.string(), len(parts), [validity, pa.py_buffer(offsets), pa.py_buffer(b"".join(parts))],
+                                 null_count=count)
 
 
 def column(name: str, type: pa.DataType, role: str = RECIPE) -> pa.Field:
@@ -71,13 +165,13 @@ def failed_rows(batch: Any, error: str) -> pa.Table:
     """Rows for a batch that could not be evaluated at all: `failed`, with the error and the recipe columns."""
     n = len(batch.ids)
     columns: Dict[str, Any] = {
-        "candidate_id": pa.array(batch.ids, pa.int64()),
-        "status": pa.array([FAILED] * n, pa.string()),
-        "error": pa.array([error] * n, pa.string()),
+        "candidate_id": arrow_array(batch.ids, pa.int64()),
+        "status": arrow_array([FAILED] * n, pa.string()),
+        "error": arrow_array([error] * n, pa.string()),
     }
     columns.update(batch.source_columns())
     for name, values in batch.columns.items():
-        columns[name] = pa.array(values)
+        columns[name] = arrow_array(values)
     return pa.table(columns)
 
 

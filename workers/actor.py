@@ -19,6 +19,7 @@ import torch
 
 from sweep.config import SweepConfig
 from sweep.evaluator import CandidateError
+from sweep.results import arrow_array
 from sweep.model import build_module, load_weights
 from sweep.population import Member, PopulationPlan, Train, start_population, train_round
 from sweep.studies.base import CandidateBatch, RecipeBatch
@@ -106,7 +107,7 @@ class SweepWorker:
             seconds = pc.add(table.column("eval_seconds"), made / max(1, len(batch)))
             table = table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds", seconds)
         for name, values in batch.columns.items():
-            table = table.append_column(name, pa.array(values))
+            table = table.append_column(name, arrow_array(values))
         return self._stamp(table)
 
     def export(self, members: Sequence[int]) -> List[Member]:
@@ -127,8 +128,8 @@ class SweepWorker:
 
     def _stamp(self, table: pa.Table) -> pa.Table:
         """`table` with the `worker` and `node` columns of this worker."""
-        table = table.append_column("worker", pa.array([self.name] * table.num_rows, pa.string()))
-        return table.append_column("node", pa.array([self.node] * table.num_rows, pa.string()))
+        table = table.append_column("worker", arrow_array([self.name] * table.num_rows, pa.string()))
+        return table.append_column("node", arrow_array([self.node] * table.num_rows, pa.string()))
 
 
 RemoteSweepWorker = ray.remote(SweepWorker)

@@ -135,3 +135,15 @@ def test_the_first_call_runs_in_fresh_processes_on_their_own_cache(tmp_path):
     assert note == "", "the cold process kept its choice and the warm one found it"
     assert len(list((folder / chunking.CHUNK_FOLDER).glob("*.json"))) == 1
     assert not (tmp_path / "cache").exists(), "the caller's cache is neither read nor written"
+
+
+def test_the_cli_leaves_out_the_forms_and_the_first_call_when_asked(capsys):
+    from sweep.cli import main
+
+    args = ["bench", "--models", "mlp-32", "--no-compile", "--scale", str(SCALE), "--json"]
+    assert main([*args, "--no-forms", "--no-first-call"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["engine"] and result["forms"] == {} and result["first_call"] == {}
+    assert main([*args, "--no-first-call"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert "dicts" in result["forms"] and result["first_call"] == {}

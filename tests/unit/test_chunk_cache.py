@@ -277,6 +277,24 @@ def test_a_chunk_that_runs_out_of_memory_in_use_is_forgotten(cache):
     assert key not in chunking._CHOSEN
 
 
+@pytest.mark.parametrize("kind", ["recipe", "dicts"])
+def test_a_kept_chunk_that_runs_out_of_memory_in_the_last_chunk_is_forgotten_at_once(cache, kind):
+    """The sweep's only chunk is halved: no later chunk asks for the size again, and still the entry goes."""
+    module = Counted(fail_above=16)
+    ev = Evaluator(module, data(), mse)
+    trial = ev.trial()
+    key = chunk_key(trial, 64)
+    chunking._write(key, chunking._signature(trial, chunking._sizes(64)), (64, "vmap", "kept"))
+    base = {n: p.detach() for n, p in module.named_parameters()}
+    candidates = (sweep.Affine(base, [{n: torch.ones_like(t) for n, t in base.items()}],
+                               torch.linspace(0, 1, 64)[:, None]) if kind == "recipe"
+                  else [{n: t + i for n, t in base.items()} for i in range(64)])
+    with pytest.warns(RuntimeWarning, match="ran out of memory"):
+        table = ev.run(candidates)
+    assert table.column("status").to_pylist() == ["ok"] * 64
+    assert entries(cache) == [] and key not in chunking._CHOSEN
+
+
 def test_an_unwritable_cache_still_chooses(tmp_path, monkeypatch):
     monkeypatch.setattr(chunking, "_CHOSEN", {})
     blocker = tmp_path / "a-file"
