@@ -13,8 +13,11 @@ Beside the Affine recipe, every candidate form is measured on one population
 explicit dicts, `sweep.Stacked` (a dict of `[K, *shape]` tensors and the flat
 `[K, P]` matrix), the `sweep.Noise` recipe, and, when `evotorch` is installed
 (`pip install 'sweep[bench]'`), EvoTorch's vectorised `Problem` holding the
-same population matrix. A few rows of every form are checked against a plain
-`functional_call` loop, and a mismatch stops the bench (`BenchMismatch`).
+same population matrix. The forms and the naive loop are timed in rounds,
+each once per round in turn, each keeping its best round; the forms' ratios
+are against that loop. A few rows of every form are checked against a plain
+`functional_call` loop: a mismatch of the engine's own forms stops the bench
+(`BenchMismatch`); EvoTorch's row then says why it has no figure.
 
 The first call of `sweep.evaluate` is timed apart, in fresh processes: once
 with an empty chunk cache (the chunk size is measured) and once with the
@@ -90,6 +93,9 @@ SPOT_ROWS = 3
 #: The check's tolerance: relative for fp32 (results equal to the loop's), looser for bf16 weights.
 SPOT_RTOL = {"fp32": 1e-5, "bf16": 5e-2}
 SPOT_ATOL = 1e-7
+#: Forms of other libraries, measured for comparison: when one fails or differs from the loop, its cell
+#: says why and the bench goes on (the engine's own forms stop it).
+COMPARED = ("evotorch",)
 EVOTORCH_MISSING = "evotorch not installed (pip install 'sweep[bench]')"
 STACKED_MISSING = "not available (this sweep has no sweep.Stacked)"
 #: The first-call rows: seconds a fresh process may take (importing torch included) before it counts as failed.
@@ -120,6 +126,8 @@ class Result:
     #: candidates/s of each form in FORMS (fp32), and × the naive loop
     forms: Dict[str, float] = field(default_factory=dict)
     form_ratio: Dict[str, float] = field(default_factory=dict)
+    #: candidates/s of the naive loop timed in the same rounds as the forms (their ratios are against it)
+    form_loop: float = 0.0
     #: why a form (or the first-call rows) has no figure
     notes: Dict[str, str] = field(default_factory=dict)
     #: what was checked equal to the functional_call loop ("fp32", "bf16", "compiled", and the forms)
@@ -330,7 +338,7 @@ def _evaluate_in_slices(problem, batch, k: int) -> None:
 
 
 def measure_forms(result: "Result", spec: "BenchModel", module, data, a, d, alphas: torch.Tensor,
-                  dev: torch.device, log: Callable[[str], None]) -> None:
+                  dev: torch.device, log: Callable[[str], None], k_loop: int) -> None:
     """Fill `result.forms` (and its notes and checks): every candidate form on one population, side by side."""
     kind = "cuda" if dev.type == "cuda" else "cpu"
     width = sum(p.numel() for p in module.parameters())
@@ -367,29 +375,45 @@ def measure_forms(result: "Result", spec: "BenchModel", module, data, a, d, alph
         runs["evotorch"] = problem
 
     noise_candidate = recipe_candidate(module, noise, data, spec.metrics, dev)
-    forms = [form for form in FORMS if form in runs]
-    for form in forms:
+    forms = []
+    for form in FORMS:
+        if form not in runs:
+            continue
         log(f"bench: {spec.name}: {FORMS[form]}")
         run, row = runs[form]
-        run()  # warm-up: the chunk size is chosen (measured or read) for this count
-        spot_check(FORMS[form], row, noise_candidate if form == "noise" else pop.row, k, module, data, spec.metrics)
+        try:
+            run()  # warm-up: the chunk size is chosen (measured or read) for this count
+            spot_check(FORMS[form], row, noise_candidate if form == "noise" else pop.row, k, module, data,
+                       spec.metrics)
+        except Exception as e:  # noqa: BLE001 - the engine's own forms stop the bench; the comparison is noted
+            if form not in COMPARED:
+                raise
+            result.notes[form] = f"not shown: {first_line(e)}"
+            continue
+        forms.append(form)
         result.checked.append(form)
     # Round after round, each form once in turn: a slow moment of the machine falls on all forms alike,
     # and each form keeps its best round.
+    # The naive loop takes its turn in every round too: the ratios compare what ran side by side.
+    loop_alphas = alphas[:k_loop].tolist()
     best: Dict[str, float] = {}
     for _ in range(FORM_ROUNDS):
+        best["loop"] = min(best.get("loop", math.inf),
+                           _seconds(lambda: naive_loop(module, a, d, loop_alphas, data, spec.metrics), dev))
         for form in forms:
             best[form] = min(best.get(form, math.inf), _seconds(runs[form][0], dev))
+    result.form_loop = len(loop_alphas) / best["loop"]
     for form in forms:
         result.forms[form] = k / best[form]
-        result.form_ratio[form] = result.forms[form] / result.loop
+        result.form_ratio[form] = result.forms[form] / result.form_loop
 
 
 # -- the first call, in fresh processes -------------------------------------------------
 def first_call_child() -> None:
     """In a fresh process (`first_call` starts it): time one Affine `sweep.evaluate`, then a second; print JSON
-    with the seconds of each and how many chunk choices the cache held before the first."""
-    spec_name, device, k, threads = json.loads(sys.argv[1])
+    with the seconds of each and how many chunk choices the cache held before the first. With `loop`, the
+    naive loop over k candidates instead, its first call and its second."""
+    spec_name, device, k, threads, mode = json.loads(sys.argv[1])
     torch.set_num_threads(threads)
     spec = next(s for s in MODELS if s.name == spec_name)
     dev = torch.device(device)
@@ -397,32 +421,44 @@ def first_call_child() -> None:
     module = spec.make().to(dev).eval()
     data = [(x.to(dev), y.to(dev)) for x, y in spec.data()]
     a, d = _anchors(module, dev)
-    recipe = Affine(a, [d], torch.linspace(0, 1, k, device=dev)[:, None])
-    folder = chunking.cache_dir()
-    kept = len(list((folder / chunking.CHUNK_FOLDER).glob("*.json"))) if folder is not None else 0
-    first = _seconds(lambda: evaluate(module, recipe, data, spec.metrics, device=dev), dev)
-    steady = _seconds(lambda: evaluate(module, recipe, data, spec.metrics, device=dev), dev)
+    alphas = torch.linspace(0, 1, k, device=dev)
+    if mode == "loop":
+        run = lambda: naive_loop(module, a, d, alphas.tolist(), data, spec.metrics)  # noqa: E731
+        kept = 0
+    else:
+        recipe = Affine(a, [d], alphas[:, None])
+        run = lambda: evaluate(module, recipe, data, spec.metrics, device=dev)  # noqa: E731
+        folder = chunking.cache_dir()
+        kept = len(list((folder / chunking.CHUNK_FOLDER).glob("*.json"))) if folder is not None else 0
+    first = _seconds(run, dev)
+    steady = _seconds(run, dev)
     print(json.dumps({"first": first, "steady": steady, "kept": kept}))
 
 
-def first_call(spec: "BenchModel", device: str, k: int, cache: Optional[Path] = None) -> Tuple[Dict[str, float], str]:
+def first_call(spec: "BenchModel", device: str, k: int, cache: Optional[Path] = None,
+               k_loop: int = 0) -> Tuple[Dict[str, float], str]:
     """Seconds of a fresh process's first Affine `sweep.evaluate` of k rows with an empty chunk cache ("cold")
     and with the choice that process kept ("warm"), and of the second call ("steady", the faster of the two
-    processes'); and a note when the first process kept no choice. The cache is `cache` (an empty folder) or
-    a temporary one: the user's own is neither read nor written."""
+    processes'); with `k_loop`, the naive loop's first call over k_loop candidates in a fresh process of its
+    own ("loop", scaled to k rows); and a note when the first process kept no choice. The cache is `cache`
+    (an empty folder) or a temporary one: the user's own is neither read nor written."""
     with tempfile.TemporaryDirectory(prefix="sweep-bench-cache-") as temporary:
         folder = str(cache or temporary)
         runs = [_fresh_process(spec, device, k, folder) for _ in ("cold", "warm")]
+        loop = _fresh_process(spec, device, k_loop, folder, "loop") if k_loop else None
     note = "" if runs[1]["kept"] else "the cold process kept no chunk choice, so the warm one measured again"
-    return {"cold": runs[0]["first"], "warm": runs[1]["first"], "steady": min(r["steady"] for r in runs)}, note
+    seconds = {"cold": runs[0]["first"], "warm": runs[1]["first"], "steady": min(r["steady"] for r in runs)}
+    if loop is not None:
+        seconds["loop"] = loop["first"] * k / k_loop
+    return seconds, note
 
 
-def _fresh_process(spec: "BenchModel", device: str, k: int, cache: str) -> Dict[str, float]:
+def _fresh_process(spec: "BenchModel", device: str, k: int, cache: str, mode: str = "engine") -> Dict[str, float]:
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, chunking.CACHE_ENV: cache,
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     code = "from sweep.bench import first_call_child; first_call_child()"
-    args = json.dumps([spec.name, device, k, torch.get_num_threads()])
+    args = json.dumps([spec.name, device, k, torch.get_num_threads(), mode])
     done = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True,
                           timeout=FIRST_CALL_TIMEOUT)
     if done.returncode != 0:
@@ -541,7 +577,7 @@ def _run_bench(device: str, models: Optional[List[str]], *, compile: bool, scale
         del table
         result.ratio = {key: rate / result.loop for key, rate in result.engine.items()}
         if forms:
-            measure_forms(result, spec, module, data, a, d, alphas, dev, log)
+            measure_forms(result, spec, module, data, a, d, alphas, dev, log, k_loop)
         if ceilings is not None:
             result.roofline = roofline_rate(module, data, spec.metrics, ceilings)
             result.roofline_fraction = {key: rate / result.roofline
@@ -549,7 +585,7 @@ def _run_bench(device: str, models: Optional[List[str]], *, compile: bool, scale
         if first:
             log(f"bench: {spec.name}: the first call, in fresh processes")
             try:
-                result.first_call, note = first_call(spec, device, k)
+                result.first_call, note = first_call(spec, device, k, k_loop=k_loop)
                 if note:
                     result.notes["first_call"] = note
             except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
@@ -590,24 +626,27 @@ def format_table(results: List[Result], env: Dict[str, Any]) -> str:
     formed = [r for r in results if r.form_candidates]
     if formed:
         lines.append("")
-        lines.append("candidate forms on one population of K candidates, fp32: candidates/s (× the naive loop)")
-        header = f"{'model':<36}{'K':>8}" + "".join(f"{title:>20}" for title in FORMS.values())
+        lines.append(f"candidate forms on one population of K candidates, fp32, timed in {FORM_ROUNDS} rounds with the "
+                     f"naive loop (each its best): candidates/s (× that loop)")
+        header = f"{'model':<36}{'K':>8}{'loop':>10}" + "".join(f"{title:>20}" for title in FORMS.values())
         lines.append(header)
         lines.append("-" * len(header))
         for r in formed:
             cells = [f"{r.forms[f]:>11,.0f} ({r.form_ratio[f]:>5.1f}×)" if f in r.forms else "–" for f in FORMS]
-            lines.append(f"{r.model:<36}{r.form_candidates:>8,}" + "".join(f"{c:>20}" for c in cells))
+            lines.append(f"{r.model:<36}{r.form_candidates:>8,}{r.form_loop:>10,.0f}" + "".join(f"{c:>20}" for c in cells))
     firsts = [r for r in results if r.first_call]
     if firsts:
         lines.append("")
-        lines.append("the first sweep.evaluate in a fresh process (Affine, fp32, K rows): candidates/s (× the naive loop)")
-        titles = {"cold": "cold chunk cache", "warm": "warm chunk cache", "steady": "second call"}
+        lines.append("the first sweep.evaluate in a fresh process (Affine, fp32, K rows), and the naive loop's first "
+                     "call in one of its own: candidates/s (× the naive loop above), seconds for K rows")
+        titles = {"cold": "cold chunk cache", "warm": "warm chunk cache", "steady": "second call",
+                  "loop": "naive loop, fresh"}
         header = f"{'model':<36}{'K':>8}" + "".join(f"{t:>24}" for t in titles.values())
         lines.append(header)
         lines.append("-" * len(header))
         for r in firsts:
             cells = [f"{r.first_call_rate[key]:>9,.0f} ({r.first_call_ratio[key]:>5.1f}×) {r.first_call[key]:.2f}s"
-                     for key in titles]
+                     if key in r.first_call else "–" for key in titles]
             lines.append(f"{r.model:<36}{r.candidates:>8,}" + "".join(f"{c:>24}" for c in cells))
     checked = [r for r in results if r.checked]
     if checked:

@@ -5,6 +5,7 @@ prints, not what a test checks."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict
 
@@ -52,7 +53,8 @@ def test_every_form_has_a_row_checked_against_the_loop(cache):
     expected |= {"evotorch"} if has_evotorch() else set()
     assert set(result.forms) == expected
     assert all(rate > 0 for rate in result.forms.values())
-    assert result.form_ratio == {f: pytest.approx(rate / result.loop) for f, rate in result.forms.items()}
+    assert result.form_loop > 0
+    assert result.form_ratio == {f: pytest.approx(rate / result.form_loop) for f, rate in result.forms.items()}
     assert result.checked == ["fp32", "bf16", *[f for f in FORMS if f in expected]]
     for form in set(FORMS) - expected:
         assert form in result.notes
@@ -82,6 +84,29 @@ def test_a_form_whose_rows_differ_from_the_loop_stops_the_bench(monkeypatch):
     monkeypatch.setattr(bench, "evaluate", off_for_dicts)
     with pytest.raises(BenchMismatch, match=r"dicts row 39: metric 'mse' is .*, the functional_call loop gives"):
         tiny()
+
+
+@pytest.mark.skipif(not has_evotorch(), reason="evotorch is not installed (.ci/run installs the bench extra)")
+def test_a_compared_library_that_differs_from_the_loop_is_noted_and_the_bench_goes_on(monkeypatch):
+    real = bench.evotorch_problem
+
+    def off(*args, **kwargs):
+        (run, row), note = real(*args, **kwargs)
+        return (run, lambda i: {name: value * 2 for name, value in row(i).items()}), note
+
+    def fails(*args, **kwargs):
+        def run():
+            raise AttributeError("'NoneType' object has no attribute 'evals'")
+        return (run, lambda i: {}), ""
+
+    for fake, expected in ((off, r"not shown: bench: EvoTorch row 0: metric 'mse' is .*, the functional_call loop "
+                                 r"gives"), (fails, r"not shown: 'NoneType' object has no attribute 'evals'")):
+        monkeypatch.setattr(bench, "evotorch_problem", fake)
+        result = tiny()
+        assert "evotorch" not in result.forms and "evotorch" not in result.checked
+        assert re.match(expected, result.notes["evotorch"]), result.notes
+        assert {"dicts", "noise"} <= set(result.forms)
+        assert "mlp-32-16-1 EvoTorch: not shown: " in bench.format_table([result], bench.environment("cpu"))
 
 
 def test_a_failed_row_fails_the_spot_check():
@@ -130,8 +155,8 @@ def test_evotorch_evaluates_the_same_population():
 def test_the_first_call_runs_in_fresh_processes_on_their_own_cache(tmp_path):
     spec = bench.MODELS[0]
     folder = tmp_path / "bench-cache"
-    seconds, note = bench.first_call(spec, "cpu", 40, cache=folder)
-    assert set(seconds) == {"cold", "warm", "steady"} and all(s > 0 for s in seconds.values())
+    seconds, note = bench.first_call(spec, "cpu", 40, cache=folder, k_loop=4)
+    assert set(seconds) == {"cold", "warm", "steady", "loop"} and all(s > 0 for s in seconds.values())
     assert note == "", "the cold process kept its choice and the warm one found it"
     assert len(list((folder / chunking.CHUNK_FOLDER).glob("*.json"))) == 1
     assert not (tmp_path / "cache").exists(), "the caller's cache is neither read nor written"
