@@ -49,6 +49,7 @@ from . import chunking
 from .errors import SweepError
 from .evaluator import Evaluator, evaluate, is_out_of_memory
 from .examples import models as M
+from .examples import zoo as Z  # imports transformers only when one of its models is built
 from .messages import first_line
 from .recipes import Affine, Noise
 
@@ -62,6 +63,11 @@ class BenchModel:
     #: candidates for the engine and for the loop, on (cpu, cuda)
     candidates: Dict[str, int]
     loop_candidates: Dict[str, int]
+    #: optional packages the model needs ("transformers"): without one, its row is a note, not figures
+    requires: Tuple[str, ...] = ()
+    #: on the CPU, only the main row (loop, fp32, bf16): compile, the candidate forms and the first call in
+    #: fresh processes each take minutes for a model of GPT-2's size there (CPU_MAIN_ONLY says so in a note)
+    cpu_main_only: bool = False
 
 
 MODELS = (
@@ -74,7 +80,34 @@ MODELS = (
                M.language_model, {"cpu": 96, "cuda": 4_096}, {"cpu": 24, "cuda": 300}),
     BenchModel("cnn-bn (batch 64, 32x32)", lambda: M.cnn(16), lambda: M.image_batches(64, 32),
                M.classification, {"cpu": 96, "cuda": 4_096}, {"cpu": 24, "cuda": 300}),
+    # transformers' own models, random weights from their configs (sweep.examples.zoo): shown when
+    # transformers is installed (`pip install 'sweep[transformers]'`), a note otherwise.
+    BenchModel("gpt2-small (1x32 tokens)", Z.gpt2_small, lambda: Z.token_batches(vocab=50257, length=32, batch=1, batches=1),
+               Z.causal_lm, {"cpu": 4, "cuda": 256}, {"cpu": 2, "cuda": 32}, requires=("transformers",),
+               cpu_main_only=True),
+    BenchModel("resnet-18 (8 images 64x64)", lambda: Z.resnet18(10),
+               lambda: Z.image_batches(size=64, classes=10, batch=8, batches=1),
+               Z.classification, {"cpu": 8, "cuda": 1_024}, {"cpu": 4, "cuda": 100}, requires=("transformers",),
+               cpu_main_only=True),
 )
+
+
+#: The note of a model measured on the CPU by its main row alone (`BenchModel.cpu_main_only`).
+CPU_MAIN_ONLY = ("loop, fp32 and bf16 only on the CPU (compiling it, the candidate forms and the first call "
+                 "in fresh processes take minutes each for a model this size there); --device cuda measures all")
+
+
+def missing_requirement(spec: "BenchModel") -> Optional[str]:
+    """Why `spec` cannot be measured here (an optional package it needs is missing or fails to import), or None."""
+    from .zoo import TORCHVISION_EXTRA, TRANSFORMERS_EXTRA
+
+    extras = {"transformers": TRANSFORMERS_EXTRA, "torchvision": TORCHVISION_EXTRA}
+    for package in spec.requires:
+        try:
+            __import__(package)
+        except Exception as e:  # noqa: BLE001 - a package that fails on import counts as missing
+            return f"not measured: {package} is not importable ({first_line(e, 120)}): {extras.get(package, package)}"
+    return None
 
 
 #: The candidate forms measured on one population, in the order shown, with their column titles.
@@ -531,6 +564,11 @@ def _run_bench(device: str, models: Optional[List[str]], *, compile: bool, scale
     for spec in MODELS:
         if models and not any(m in spec.name for m in models):
             continue
+        missing = missing_requirement(spec)
+        if missing is not None:
+            log(f"bench: {spec.name}: {missing}")
+            results.append(Result(spec.name, 0, 0, 0.0, notes={"skipped": missing}))
+            continue
         log(f"bench: {spec.name}")
         torch.manual_seed(0)
         module = spec.make().to(dev).eval()
@@ -561,8 +599,11 @@ def _run_bench(device: str, models: Optional[List[str]], *, compile: bool, scale
         probe.run(Affine(a, [d], alphas[:, None]))
         result.strategy, result.chunk_size = probe.strategy or "", probe.chunk_size or 0
         probe.restore()
+        main_only = spec.cpu_main_only and kind == "cpu"
+        if main_only and (compile or forms or first):
+            result.notes["measured"] = CPU_MAIN_ONLY
 
-        if compile:
+        if compile and not main_only:
             precision = "bf16" if kind == "cuda" else "fp32"
             ev = Evaluator(module, data, spec.metrics, device=dev, precision=precision, compile=True)
             start = time.perf_counter()
@@ -576,13 +617,13 @@ def _run_bench(device: str, models: Optional[List[str]], *, compile: bool, scale
             result.checked.append("compiled")
         del table
         result.ratio = {key: rate / result.loop for key, rate in result.engine.items()}
-        if forms:
+        if forms and not main_only:
             measure_forms(result, spec, module, data, a, d, alphas, dev, log, k_loop)
         if ceilings is not None:
             result.roofline = roofline_rate(module, data, spec.metrics, ceilings)
             result.roofline_fraction = {key: rate / result.roofline
                                         for key, rate in {**result.engine, **result.forms}.items()}
-        if first:
+        if first and not main_only:
             log(f"bench: {spec.name}: the first call, in fresh processes")
             try:
                 result.first_call, note = first_call(spec, device, k, k_loop=k_loop)
@@ -604,6 +645,12 @@ def environment(device: str) -> Dict[str, Any]:
     return info
 
 
+def figure(rate: float) -> str:
+    """Candidates per second as the tables show them: whole numbers, with two decimals below 10 (a model of
+    GPT-2's size runs a few candidates per second on a CPU)."""
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
+
+
 def format_table(results: List[Result], env: Dict[str, Any]) -> str:
     head = f"sweep bench on {env.get('gpu', env['processor'])} ({env['device']}, torch {env['torch']}, {env['threads']} threads)"
     lines = [head, "candidates/s (× the naive loop of this run)"]
@@ -611,13 +658,15 @@ def format_table(results: List[Result], env: Dict[str, Any]) -> str:
     lines.append(header)
     lines.append("-" * len(header))
     for r in results:
+        if not r.engine:  # not measured here: its note says why
+            continue
         cells = []
         for key in ("fp32", "bf16", "compiled"):
             if key in r.engine:
-                cells.append(f"{r.engine[key]:>11,.0f} ({r.ratio[key]:>5.1f}×)")
+                cells.append(f"{figure(r.engine[key]):>11} ({r.ratio[key]:>5.1f}×)")
             else:
                 cells.append(f"{'–':>20}")
-        lines.append(f"{r.model:<36}{r.params:>10,}{r.candidates:>8,}{r.loop:>10,.0f}" + "".join(f"{c:>20}" for c in cells)
+        lines.append(f"{r.model:<36}{r.params:>10,}{r.candidates:>8,}{figure(r.loop):>10}" + "".join(f"{c:>20}" for c in cells)
                      + f"  {r.strategy} {r.chunk_size}")
     compiled = [r for r in results if r.compile_seconds is not None]
     if compiled:
@@ -632,8 +681,8 @@ def format_table(results: List[Result], env: Dict[str, Any]) -> str:
         lines.append(header)
         lines.append("-" * len(header))
         for r in formed:
-            cells = [f"{r.forms[f]:>11,.0f} ({r.form_ratio[f]:>5.1f}×)" if f in r.forms else "–" for f in FORMS]
-            lines.append(f"{r.model:<36}{r.form_candidates:>8,}{r.form_loop:>10,.0f}" + "".join(f"{c:>20}" for c in cells))
+            cells = [f"{figure(r.forms[f]):>11} ({r.form_ratio[f]:>5.1f}×)" if f in r.forms else "–" for f in FORMS]
+            lines.append(f"{r.model:<36}{r.form_candidates:>8,}{figure(r.form_loop):>10}" + "".join(f"{c:>20}" for c in cells))
     firsts = [r for r in results if r.first_call]
     if firsts:
         lines.append("")
@@ -645,7 +694,7 @@ def format_table(results: List[Result], env: Dict[str, Any]) -> str:
         lines.append(header)
         lines.append("-" * len(header))
         for r in firsts:
-            cells = [f"{r.first_call_rate[key]:>9,.0f} ({r.first_call_ratio[key]:>5.1f}×) {r.first_call[key]:.2f}s"
+            cells = [f"{figure(r.first_call_rate[key]):>9} ({r.first_call_ratio[key]:>5.1f}×) {r.first_call[key]:.2f}s"
                      if key in r.first_call else "–" for key in titles]
             lines.append(f"{r.model:<36}{r.candidates:>8,}" + "".join(f"{c:>24}" for c in cells))
     checked = [r for r in results if r.checked]

@@ -25,10 +25,12 @@ from typing import Annotated, Any, Dict, Literal, Optional, Sequence, Tuple, Typ
 
 from pydantic import (Discriminator, Field, Tag, ValidationError, ValidationInfo, create_model, field_validator,
                       model_validator)
+from pydantic_core import PydanticCustomError
 
+from . import zoo
 from .config_errors import describe_errors
 from .errors import ConfigError
-from .files import resolve_file
+from .files import checks_files, resolve_file, resolve_path
 from .messages import first_line, kind_of, one_line, short
 from .model import import_callable, missing_module_hint
 from .settings import (MAX_BATCH_SIZE, MAX_IN_FLIGHT, MAX_INT64, MAX_WORKER_RESOURCE, MAX_WORKERS, Float, ImportPath,
@@ -41,10 +43,27 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class ModelSection(Section):
-    """The shared module every candidate is evaluated against."""
+    """The shared module every candidate is evaluated against.
 
-    factory: ImportPath = Field(description="'package.module:function' returning a torch.nn.Module")
-    kwargs: Kwargs = Field(default_factory=dict, description="keyword arguments for the factory")
+    It is built by `factory`, or, written shorter, from a `transformers` config (`transformers: path`, with
+    `auto_class` naming the head) or a torchvision model (`torchvision: name`), with `kwargs` either way.
+    Exactly one of the three is given; the shorter forms become `factory` and `kwargs` once checked
+    (`sweep.zoo:transformers_model` with `path` and `auto_class`, `sweep.zoo:torchvision_model` with `name`)
+    and are then None, so the resolved config saved beside the results, and everything that builds the
+    module, read `factory` and `kwargs` alone.
+    """
+
+    factory: Optional[ImportPath] = Field(None, description="'package.module:function' returning a torch.nn.Module")
+    transformers: Optional[Text] = Field(
+        None, exclude=True, description="a local transformers config.json, or a checkpoint folder holding one: the "
+        "model is built from it (random weights; nothing is downloaded)")
+    auto_class: Optional[Text] = Field(
+        None, exclude=True, description="with `transformers`: the class that builds it (AutoModelForCausalLM, …; "
+        "default: the config's architectures[0], else AutoModel)")
+    torchvision: Optional[Text] = Field(
+        None, exclude=True, description="a torchvision model name (resnet18, vit_b_16, …), built with weights=None")
+    kwargs: Kwargs = Field(default_factory=dict, description="keyword arguments for the factory (for `transformers`: "
+                           "config settings; for `torchvision`: the model's keyword arguments)")
     weights: Optional[Text] = Field(None, description="safetensors file loaded into the module (optional)")
     seed: Int = Field(0, ge=0, le=MAX_INT64, description="torch seed the factory runs under, so every worker builds the same module")
 
@@ -52,6 +71,82 @@ class ModelSection(Section):
     @classmethod
     def _weights(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
         return resolve_file(v, info)
+
+    @field_validator("transformers")
+    @classmethod
+    def _transformers(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        """Resolved against the config's folder and, where files are checked, a readable config.json there."""
+        if v is None:
+            return v
+        path = resolve_path(v, info)
+        if checks_files(info):
+            try:
+                zoo.read_config_dict(zoo.config_file(path))
+            except FileNotFoundError as e:
+                raise ValueError(str(e) + zoo.hub_id_hint(v)) from None
+            except (TypeError, ValueError) as e:
+                raise ValueError(str(e)) from None
+        return path
+
+    @field_validator("auto_class", "torchvision")
+    @classmethod
+    def _class_name(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is not None and not v.isidentifier():
+            example = "AutoModelForCausalLM" if info.field_name == "auto_class" else "resnet18"
+            raise ValueError(f"should be a name such as {example!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_factory(self) -> "ModelSection":
+        """Exactly one of factory, transformers and torchvision; the shorter two become factory and kwargs."""
+        given = [name for name in MODEL_SOURCES if getattr(self, name) is not None]
+        if not given:
+            raise _at(("factory",), "required field is missing: give model.factory ('package.module:function'), "
+                      "or model.transformers (a config.json or a checkpoint folder) or model.torchvision (a model name)")
+        if len(given) > 1:
+            raise _at((given[1],), f"give one of model.{', model.'.join(MODEL_SOURCES)}, not several "
+                      f"(model.{given[0]} is given too)")
+        if self.auto_class is not None and self.transformers is None:
+            raise _at(("auto_class",), "names the class that builds a model.transformers model; give "
+                      "model.transformers too, or leave auto_class out")
+        source = given[0]
+        if source == "factory":
+            return self
+        kwargs = dict(self.kwargs)
+        if source == "transformers":
+            built = {"path": self.transformers, **({"auto_class": self.auto_class} if self.auto_class else {})}
+            problem = zoo.extra_missing("transformers")
+        else:
+            built = {"name": self.torchvision}
+            problem = zoo.extra_missing("torchvision")
+            for key in ("weights", "weights_backbone"):
+                if kwargs.get(key) is not None:
+                    raise _at(("kwargs", key), "sweep builds torchvision models with weights=None and never downloads "
+                              "weights; give the weights as model.weights or as the study's files")
+                kwargs.pop(key, None)
+        if problem is not None:
+            raise _at((source,), problem)
+        for key in built:
+            if key in kwargs:
+                raise _at(("kwargs", key), f"model.{source} gives the {key}; leave {key} out of model.kwargs")
+        # Frozen: set once, while being validated. The shorter form is then gone, so the section equals the
+        # one its saved config.yaml reads back as.
+        object.__setattr__(self, "factory", MODEL_FACTORIES[source])
+        object.__setattr__(self, "kwargs", {**built, **kwargs})
+        for name in ("transformers", "auto_class", "torchvision"):
+            object.__setattr__(self, name, None)
+        self.__pydantic_fields_set__.update({"factory", "kwargs"})
+        return self
+
+
+#: Where a module comes from, one of them per config; and the factory each shorter form stands for.
+MODEL_SOURCES = ("factory", "transformers", "torchvision")
+MODEL_FACTORIES = {"transformers": "sweep.zoo:transformers_model", "torchvision": "sweep.zoo:torchvision_model"}
+
+
+def _at(at: Tuple[Any, ...], reason: str) -> PydanticCustomError:
+    """An error reported at `at` below the section being validated (`model.kwargs.weights: …`)."""
+    return PydanticCustomError("sweep_at", "{reason}", {"at": at, "reason": reason})
 
 
 class DataSection(Section):

@@ -1,4 +1,5 @@
-"""Paths a config names: resolved against the config's folder, checked to be regular files."""
+"""Paths a config names: resolved against the config's folder, checked to be regular files or checkpoint
+folders; `pyarrow.fs` URIs (`s3://…`) are kept as they are and left to whoever reads them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import List, Optional
 
 from pydantic import ValidationInfo
 
-from .model import describe_file, glob_files
+from .model import FOLDER_FILES, describe_file, glob_files, is_uri
 
 
 def checks_files(info: ValidationInfo) -> bool:
@@ -61,19 +62,32 @@ def path_kind(path: str) -> Optional[str]:
 
 
 def check_file(path: str) -> None:
-    """ValueError unless `path` is a regular file."""
+    """ValueError unless `path` is a regular file or a checkpoint folder (`is_checkpoint_folder`)."""
     kind = path_kind(path)
     if kind is None:
         raise ValueError(f"file not found: {path}")
     if kind == "folder":
-        raise ValueError(f"{path} is a folder, not a file")
+        if not is_checkpoint_folder(path):
+            raise ValueError(f"{path} is a folder without a checkpoint: it holds none of {', '.join(FOLDER_FILES)}")
+        return
     if kind != "file":
         raise ValueError(f"{path} is {kind}, not a regular file (only regular files are read)")
 
 
+def is_checkpoint_folder(path: str) -> bool:
+    """Whether the folder at `path` holds one of the files a checkpoint folder is read from (FOLDER_FILES); what
+    they hold is read with the checkpoint."""
+    return any(path_kind(os.path.join(path, name)) == "file" for name in FOLDER_FILES)
+
+
 def resolve_file(value: Optional[str], info: ValidationInfo) -> Optional[str]:
-    """An optional weights file: resolved against the config's folder and, where files are checked, present."""
+    """An optional weights file or checkpoint folder: resolved against the config's folder and, where files are
+    checked, present. A URI is kept as it is: it is read where it is used."""
     if value is None:
+        return value
+    if is_uri(value):
+        if "\0" in value:
+            raise ValueError(f"a URI cannot hold a NUL character: {value!r}")
         return value
     path = resolve_path(value, info)
     if checks_files(info):
@@ -82,12 +96,12 @@ def resolve_file(value: Optional[str], info: ValidationInfo) -> Optional[str]:
 
 
 def resolve_files(values: List[str], info: ValidationInfo) -> List[str]:
-    """A list of weights files, each resolved (and checked) as `resolve_file` does."""
+    """A list of weights files or checkpoint folders, each resolved (and checked) as `resolve_file` does."""
     return [resolve_file(v, info) for v in values]
 
 
 def glob_matches_a_file(pattern: str) -> bool:
-    """Whether `pattern` (recursive `**` allowed) matches at least one regular file.
+    """Whether `pattern` (recursive `**` allowed) matches at least one regular file or checkpoint folder.
 
     Raises ValueError for a pattern that also matches what is neither a folder nor a regular
     file (a FIFO, a device: never read), or that looks through more than MAX_GLOB_ENTRIES entries.
@@ -96,7 +110,7 @@ def glob_matches_a_file(pattern: str) -> bool:
     try:
         for match in glob_files(pattern):
             kind = path_kind(match)
-            if kind == "file":
+            if kind == "file" or kind == "folder" and is_checkpoint_folder(match):
                 files += 1
             elif kind not in (None, "folder"):
                 others.append(f"{match} ({kind})")

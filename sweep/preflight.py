@@ -9,7 +9,13 @@ tied weights under any of their names; buffers optional — before Ray starts:
   shape per key), never its tensor data;
 - a torch file (`.pt`, `.pth`, `.bin`) through `torch.load(mmap=True,
   weights_only=True)` when it lies on a local disk (its storages are mapped,
-  not read); elsewhere, and in torch's legacy format, it is left unread.
+  not read); elsewhere, and in torch's legacy format, it is left unread;
+- a checkpoint folder by the file it is read from, or by every shard its
+  index lists (each as above), the index checked against the shards' keys;
+- a URI (`s3://…`) not at all: the workers read it.
+
+Keys are matched to the module's first as every reader matches them
+(`sweep.checkpoint_keys`: one prefix removed or added, or refused naming it).
 
 An anchor (an endpoint, a base, a model to merge, a centre, `model.weights`)
 that does not fit the module would make every row invalid: that is a
@@ -37,9 +43,10 @@ import torch
 
 from .errors import ConfigError, WeightsError
 from .messages import first_line
+from .checkpoint_keys import ModuleKeys, reading_for
 from .model import (MAX_UNCOMPRESSED_EXTRA, MAX_UNCOMPRESSED_RATIO, SAFETENSORS_SUFFIXES,
-                    TORCH_SUFFIXES, build_module, describe_file, import_callable,
-                    parse_safetensors_header, safetensors_header_length)
+                    TORCH_SUFFIXES, build_module, describe_file, folder_layout, import_callable, is_uri,
+                    merge_shards, parse_safetensors_header, safetensors_entry, safetensors_header_length)
 from .validate import Schema, describe
 
 #: A misfit spells out at most this many keys; the rest are counted ("and 12 more keys").
@@ -52,15 +59,6 @@ MAX_MODULE_LABEL = 100
 #: (any FUSE file system counts as one too: object stores and ssh mounts are mounted through it).
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre",
                                  "gpfs", "beegfs", "afs", "ncpfs", "davfs", "sshfs", "orangefs", "pvfs2"})
-
-#: safetensors' dtype names, as torch calls them (a name this torch lacks is left out)
-_SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in {
-        "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
-        "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
-        "F64": "float64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    }.items() if hasattr(torch, attr)
-}
 
 #: A tensor as a file declares it: its shape and dtype.
 TensorSpec = Tuple[Tuple[int, ...], torch.dtype]
@@ -102,29 +100,8 @@ def read_safetensors_header(path: str) -> Dict[str, TensorSpec]:
 
 def _header_entry(path: str, key: str, entry: Any) -> Tuple[TensorSpec, int]:
     """One tensor of a safetensors header: its spec and where its bytes end."""
-    def bad(why: str) -> WeightsError:
-        return WeightsError(f"{path}: invalid safetensors file: key {key!r}: {why}")
-
-    if not isinstance(entry, dict):
-        raise bad(f"expected an object with dtype, shape and data_offsets, got {type(entry).__name__}")
-    dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None:
-        raise bad(f"dtype {entry.get('dtype')!r} is not one torch reads")
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise bad(f"shape should be a list of sizes, got {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]):
-        raise bad(f"data_offsets should be [begin, end], got {offsets!r}")
-    count = 1
-    for d in shape:
-        count *= d
-    if count * dtype.itemsize != offsets[1] - offsets[0]:
-        raise bad(f"{describe(tuple(shape), dtype)} takes {count * dtype.itemsize} bytes, its data_offsets give "
-                  f"{offsets[1] - offsets[0]}")
-    return (tuple(shape), dtype), offsets[1]
+    shape, dtype, _, stop = safetensors_entry(path, key, entry)
+    return (shape, dtype), stop
 
 
 def read_torch_entries(path: str) -> Optional[Dict[str, TensorSpec]]:
@@ -153,19 +130,41 @@ def read_torch_entries(path: str) -> Optional[Dict[str, TensorSpec]]:
 
 
 def read_entries(path: str) -> Optional[Dict[str, TensorSpec]]:
-    """What a weights file holds (key → shape and dtype), read cheaply; None when that cannot be done.
+    """What a weights file or checkpoint folder holds (key → shape and dtype), read cheaply; None when that
+    cannot be done.
 
-    Raises `WeightsError` for a file that will not load and says so cheaply: not a regular file, a
-    suffix that is not a weights format, a safetensors header that is wrong or a file cut short.
+    Raises `WeightsError` for a checkpoint that will not load and says so cheaply: not a regular file or
+    folder, a suffix that is not a weights format, a safetensors header that is wrong or a file cut short, a
+    folder without a checkpoint, a broken index or shards that disagree with it.
     """
-    if "://" in path:
+    if is_uri(path):
         return None  # a URI: nothing here reads it before the run
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):
         return None  # reading it later says why
+    if stat.S_ISDIR(mode):
+        return read_folder_entries(path)
     if not stat.S_ISREG(mode):
         raise WeightsError(f"{path}: {describe_file(path, mode)}, not a regular file")
+    return _read_file_entries(path)
+
+
+def read_folder_entries(folder: str) -> Optional[Dict[str, TensorSpec]]:
+    """What a checkpoint folder holds, from the headers of the file it is read from or of every shard its index
+    lists (no tensor data), the shards' keys checked against the index; None when a shard cannot be read
+    cheaply (a torch file elsewhere than on a local disk)."""
+    layout = folder_layout(folder)
+    parts = []
+    for shard in layout.shards:
+        entries = _read_file_entries(os.path.join(folder, shard))
+        if entries is None:
+            return None
+        parts.append((shard, entries))
+    return merge_shards(layout, iter(parts), folder)
+
+
+def _read_file_entries(path: str) -> Optional[Dict[str, TensorSpec]]:
     suffix = Path(path).suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return read_safetensors_header(path)
@@ -279,10 +278,16 @@ def shown_path(path: str) -> str:
 
 @dataclass
 class ModuleFit:
-    """The schema of the module a config builds, and the files held against it."""
+    """The schema of the module a config builds, and the files held against it (`keys`: how their keys are
+    matched to the module's; by default from the schema alone)."""
 
     schema: Schema
     label: str
+    keys: Optional[ModuleKeys] = None
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = ModuleKeys(self.schema)
 
     @classmethod
     def of(cls, config: Any) -> Tuple[Optional["ModuleFit"], Optional[str]]:
@@ -302,7 +307,8 @@ class ModuleFit:
             try:
                 with torch.device(device):
                     module = build_module(config.model.factory, config.model.kwargs, seed=config.model.seed)
-                    return cls(Schema(module), module_label(config)), None
+                    keys = ModuleKeys.of(module)
+                    return cls(keys.schema, module_label(config), keys), None
             except Exception as e:  # the user's factory: anything may come
                 why = f"{type(e).__name__}: {first_line(e, 300)}"
         return None, why
@@ -313,7 +319,10 @@ class ModuleFit:
         entries = read_entries(path)
         if entries is None:
             return None
-        problems = misfits(self.schema, entries)
+        mapping, refused = self.keys.match(entries)  # type: ignore[union-attr]
+        if refused is not None:
+            return f"does not fit the module built by {self.label}: {refused}"
+        problems = misfits(self.schema, mapping.apply(entries))
         if not problems:
             return None
         return f"does not fit the module built by {self.label}: {join_misfits(problems)}"
@@ -393,7 +402,8 @@ def plan_checked(config: Any, artifacts: Optional[Path] = None) -> Preflight:
                         f"({why}); the workers build it where they run")
     elif config.model.weights:
         fit.check_anchor(config.model.weights, "model.weights")
-    with checking_anchors(fit.check_anchor if fit is not None else None):
+    with checking_anchors(fit.check_anchor if fit is not None else None), \
+            reading_for(fit.keys if fit is not None else None):
         study = plan(config.study, StudyContext.from_config(config, artifacts))
     if fit is not None:
         warnings.extend(fit.candidate_warnings(candidate_files(study)))

@@ -10,20 +10,44 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
 
+from sweep.checkpoint_keys import ModuleKeys, reading_for
 from sweep.config import SweepConfig
+from sweep.errors import WeightsError
 from sweep.evaluator import CandidateError
 from sweep.results import arrow_array
-from sweep.model import build_module, load_weights
+from sweep.model import Stamp, build_module, checkpoint_stamp, load_checkpoint, read_weights_file
 from sweep.population import Member, PopulationPlan, Train, start_population, train_round
-from sweep.studies.base import CandidateBatch, RecipeBatch
+from sweep.studies.base import CandidateBatch, RecipeBatch, Unreached
 from sweep.workload import build_evaluator, resolve_device
+
+
+@dataclass
+class ModelWeights:
+    """`model.weights` as the driver saw it: its path and stamp (`sweep.model.Stamp`, None for a URI), and, where
+    a worker may run on another node, an object ref to its contents (`sweep.model.checkpoint_bytes`). A worker
+    reads the path itself when it looks the same there, else it takes the contents."""
+
+    path: str
+    stamp: Optional[Stamp]
+    ref: Any = None
+
+    def read(self) -> Dict[str, torch.Tensor]:
+        if self.ref is not None and self.stamp is not None:
+            try:
+                here = checkpoint_stamp(self.path)
+            except WeightsError:
+                here = None
+            if here != self.stamp:
+                return load_checkpoint(ray.get(self.ref), self.path)
+        return read_weights_file(self.path)
 
 
 class SweepWorker:
@@ -34,16 +58,19 @@ class SweepWorker:
     one evaluation chunk (no start-up measurement of chunk sizes).
     """
 
-    def __init__(self, config: Dict[str, Any], weights: Optional[bytes] = None, weights_name: str = "",
+    def __init__(self, config: Dict[str, Any], weights: Optional[ModelWeights] = None,
                  anchor_refs: Optional[Dict[str, Any]] = None, population: Optional[PopulationPlan] = None,
                  members: Sequence[int] = ()):
         self.cfg = SweepConfig.model_validate(config, context={"check_files": False})
         torch.set_num_threads(max(1, int(self.cfg.workers.cpus)))
         device = resolve_device(self.cfg.workers.device, self.cfg.workers.gpus)
-        tensors = load_weights(weights, weights_name) if weights is not None else None
+        tensors = weights.read() if weights is not None else None
         self.members = list(members)
         chunk_size = len(self.members) if population is not None else None
         self.evaluator = build_evaluator(self.cfg, tensors, device, chunk_size=chunk_size)
+        del tensors  # loaded into the module
+        # How checkpoints read here have their keys matched to the module's.
+        self.keys = ModuleKeys.of(self.evaluator.module)
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
         self.node = ray.get_runtime_context().get_node_id()
         # Object refs of each recipe's anchors, fetched on first use and kept on the device.
@@ -79,12 +106,16 @@ class SweepWorker:
             info["members"] = self.members
         return info
 
-    def evaluate(self, batch: CandidateBatch, imports: Optional[Mapping[int, Tuple[Any, int]]] = None) -> pa.Table:
+    def evaluate(self, batch: CandidateBatch,
+                 imports: Optional[Mapping[int, Tuple[Any, int]]] = None) -> Union[pa.Table, Unreached]:
         """The batch's rows with its columns, this worker and its node.
 
         `imports` serves a `Train` batch whose members take the weights of
         members another worker holds: {donor: (object ref of the list another
-        worker's `export` returned, the donor's place in it)}.
+        worker's `export` returned, the donor's place in it)}. A batch of
+        checkpoints some of which this worker cannot reach by their paths
+        (their source's `unreached()`) comes back as `Unreached`: the rows of
+        the others, and where those it could not reach are in the batch.
         """
         if isinstance(batch.source, Train):
             if self.population is None:
@@ -99,13 +130,29 @@ class SweepWorker:
                 self.evaluator.add_anchors(ray.get(self.anchor_refs[key]), key)
             table = self.evaluator.run_rows(batch.source.rows, key, batch.ids, timing=True)
         else:
-            start = time.perf_counter()
+            unreached = getattr(batch.source, "unreached", None)
+            away = unreached() if callable(unreached) else []
+            if away:
+                gone = set(away)
+                here = [i for i in range(len(batch)) if i not in gone]
+                return Unreached(self._explicit(batch.take(here)) if here else None, away)
+            return self._explicit(batch)
+        for name, values in batch.columns.items():
+            table = table.append_column(name, arrow_array(values))
+        return self._stamp(table)
+
+    def _explicit(self, batch: CandidateBatch) -> pa.Table:
+        """The rows of a batch of explicit candidates (read here: checkpoints have their keys matched to the
+        module's), with its columns, this worker and its node."""
+        start = time.perf_counter()
+        with reading_for(self.keys):
             candidates = batch.source.candidates()
-            made = time.perf_counter() - start
-            table = self.evaluator.run(candidates, batch.ids, timing=True)
-            # Time spent making the candidates (parsing files) is shared out over the batch.
-            seconds = pc.add(table.column("eval_seconds"), made / max(1, len(batch)))
-            table = table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds", seconds)
+        made = time.perf_counter() - start
+        table = self.evaluator.run(candidates, batch.ids, timing=True)
+        del candidates
+        # Time spent making the candidates (parsing files) is shared out over the batch.
+        seconds = pc.add(table.column("eval_seconds"), made / max(1, len(batch)))
+        table = table.set_column(table.schema.get_field_index("eval_seconds"), "eval_seconds", seconds)
         for name, values in batch.columns.items():
             table = table.append_column(name, arrow_array(values))
         return self._stamp(table)

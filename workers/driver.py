@@ -31,18 +31,16 @@ import ray
 import sweep
 from sweep.claim import CLAIM_NAMES, claim
 from sweep.config import SweepConfig, dump_config, flatten, load_config
-from sweep.errors import SweepError
+from sweep.errors import SweepError, WeightsError
 from sweep.messages import last_line
-from sweep.model import read_file_bytes, write_weights_file
+from sweep.model import checkpoint_bytes, checkpoint_stamp, write_weights_file
 from sweep.preflight import plan_checked
 from sweep.results import Tally, failed_rows, results_schema
 from sweep.sinks import check_columns, close_sinks, open_sinks
 from sweep.sinks.base import SinkContext
 from sweep.sinks.parquet import ResultsWriteError, clear, dataset, has_results, results_location
-from sweep.studies import plan
-from sweep.studies.base import StudyContext
 
-from .actor import RemoteSweepWorker
+from .actor import ModelWeights, RemoteSweepWorker
 from .members import Members
 from .pool import Pool
 
@@ -313,17 +311,42 @@ def _done_ids(results: str, tally: Tally, study: Any) -> frozenset:
 def _sweep(config: SweepConfig, run_dir: Path, results: str, *, address: Optional[str], progress: Optional[bool],
            on_batch: Optional[Callable[[int, int], None]], study: Any = None, resumed: bool = False,
            params: Optional[Dict[str, Any]] = None) -> RunResult:
-    if study is None:
-        study = plan(config.study, StudyContext.from_config(config, run_dir))
+    if study is None:  # a resume: planned as a run plans it (its anchors' keys matched to the module's)
+        study = plan_checked(config, run_dir).study
     if resumed and not study.resumable:
         raise SweepError(f"a {config.study.kind} study cannot be resumed ({study.not_resumable}); "
                          f"run it again with --overwrite")
-    weights = read_file_bytes(config.model.weights) if config.model.weights else None
+    weights = model_weights(config.model.weights) if config.model.weights else None
     try:
         return _evaluate(config, run_dir, results, study, weights, address=address, progress=progress,
                          on_batch=on_batch, resumed=resumed, params=params)
     except ResultsWriteError as e:
         raise SweepError(write_failure(e, run_dir, None if study.resumable else study.not_resumable)) from None
+
+
+def model_weights(path: str) -> ModelWeights:
+    """`model.weights` as the workers get it: its path and how the driver sees it (nothing read yet)."""
+    try:
+        stamp = checkpoint_stamp(path)
+    except WeightsError as e:
+        raise SweepError(f"model.weights: {e}") from None
+    return ModelWeights(path, stamp)
+
+
+def ship_model_weights(weights: Optional[ModelWeights]) -> Optional[ModelWeights]:
+    """`weights` with its contents in the object store when a worker may run on another node than the driver's
+    (the cluster has several, or may grow): such a worker that does not see the same files takes them from there.
+    On one node the workers read the path themselves, and the driver reads nothing."""
+    if weights is None or weights.stamp is None or weights.ref is not None:
+        return weights
+    nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    if len(nodes) <= 1 and not _may_grow:
+        return weights
+    try:
+        data = checkpoint_bytes(weights.path)
+    except WeightsError as e:
+        raise SweepError(f"model.weights: {e}") from None
+    return dataclasses.replace(weights, ref=ray.put(data))
 
 
 def write_failure(error: ResultsWriteError, run_dir: Path, not_resumable: Optional[str] = None) -> str:
@@ -341,7 +364,7 @@ def write_failure(error: ResultsWriteError, run_dir: Path, not_resumable: Option
     return f"{error}. {safe} safe in {error.location}; {fix}, then {finish}."
 
 
-def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weights: Optional[bytes], *,
+def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weights: Optional[ModelWeights], *,
               address: Optional[str], progress: Optional[bool], on_batch: Optional[Callable[[int, int], None]],
               resumed: bool, params: Optional[Dict[str, Any]]) -> RunResult:
     """Start the workers, stream the study's rows through them to the sinks, and sum up."""
@@ -350,7 +373,7 @@ def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weig
     if study.population is not None:
         count = min(count, study.population.size)  # one shard of members per worker, none empty
     check_fits(config, count)
-    make_actor = worker_factory(config, weights, study.anchors(), study.population)
+    make_actor = worker_factory(config, ship_model_weights(weights), study.anchors(), study.population)
     executor = (Pool(make_actor, count, config.workers.max_in_flight) if study.population is None
                 else Members(make_actor, study.population, count))
     sinks: List[Any] = []
@@ -380,6 +403,7 @@ def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weig
         summary["workers"] = count
         summary["worker_replacements"] = executor.replacements
         summary["batch_retries"] = executor.retries
+        summary["candidates_shipped"] = getattr(executor, "shipped", 0)
         failure = close_sinks(sinks, summary)
         for actor in executor.actors:
             ray.kill(actor)
@@ -450,24 +474,23 @@ def sink_context(config: SweepConfig, run_dir: Path, results: str, schema: pa.Sc
         params=params if params is not None else flatten(config.to_dict()))
 
 
-def worker_factory(config: SweepConfig, weights: Optional[bytes], anchors: Dict[str, Any],
+def worker_factory(config: SweepConfig, weights: Optional[ModelWeights], anchors: Dict[str, Any],
                    population: Optional[Any] = None) -> Callable[..., Any]:
-    """Makes worker actors; the weights, each recipe's anchors and the study's population plan (if any) enter
-    the object store once for all of them. `make(members)` starts a worker holding those members of the plan."""
+    """Makes worker actors; `model.weights` (by path, its contents already in the object store where a worker
+    may need them), each recipe's anchors and the study's population plan (if any) enter the object store once
+    for all of them. `make(members)` starts a worker holding those members of the plan."""
     options = {"num_cpus": config.workers.cpus, "num_gpus": config.workers.gpus}
-    weights_ref = ray.put(weights) if weights is not None else None
     anchor_refs = {key: ray.put(value) for key, value in anchors.items()}
     plan_ref = ray.put(population) if population is not None else None
     spec = config.to_dict()
-    weights_name = config.model.weights or ""
     serial = iter(range(1 << 62))
     stamp = uuid.uuid4().hex[:8]
 
     def make(members: Sequence[int] = ()) -> Any:
         # Named, so operators (and `ray list actors`) can tell a sweep's workers apart.
         name = f"sweep:{config.name}:{stamp}:worker-{next(serial)}"
-        return RemoteSweepWorker.options(name=name, **options).remote(spec, weights_ref, weights_name, anchor_refs,
-                                                                      plan_ref, list(members))
+        return RemoteSweepWorker.options(name=name, **options).remote(spec, weights, anchor_refs, plan_ref,
+                                                                      list(members))
 
     return make
 

@@ -11,10 +11,16 @@ single candidates: one bad candidate never takes good ones with it, and
 finding it among n costs about 2·log2(n) extra runs. Only a single candidate
 that fails `max_attempts` times becomes a `failed` row, with the error of its
 last attempt. Every candidate is yielded exactly once, evaluated or failed.
+
+A worker that cannot reach some checkpoints of a batch by their paths returns
+the rows of the others and `Unreached`: the pool sends those candidates again,
+their bytes read here (`source.shipped()`) just before they go and not kept
+after (`shipped` counts them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from sweep.messages import last_line
-from sweep.studies.base import CandidateBatch, Wait
+from sweep.studies.base import CandidateBatch, Unreached, Wait
 
 log = logging.getLogger("sweep")
 
@@ -47,6 +53,7 @@ class _Task:
     alone: int = 0  # of those, runs alone on a worker
     suspect: bool = False  # failed, or was in flight when a worker died: runs alone from now on
     origin: int = 0  # candidates in the batch it was split out of (0: not split)
+    ship: bool = False  # its workers could not reach its files: their bytes are read here as it goes
 
 
 class Pool:
@@ -67,8 +74,11 @@ class Pool:
         self.replacements = 0
         self.retries = 0
         self.splits = 0
+        #: candidates whose files a worker could not reach, read here and sent
+        self.shipped = 0
         self._deaths_in_row = 0  # worker deaths with no batch coming back in between
         self._waiting = False
+        self._resend: Deque[_Task] = deque()  # candidates to send again with their bytes
 
     @property
     def actors(self) -> List[Any]:
@@ -91,11 +101,11 @@ class Pool:
         exhausted = False
         self._waiting = False
         while True:
-            if self._waiting and not pending and not retry:
+            if self._waiting and not pending and not retry and not self._resend:
                 self._waiting = False
             exhausted = self._fill(source, retry, pending, exhausted)
             if not pending:
-                if retry:
+                if retry or self._resend:
                     raise RuntimeError("batches are waiting but no worker can take them")
                 if self._waiting:
                     continue
@@ -120,6 +130,12 @@ class Pool:
                 error, own = f"{type(e).__name__}: {last_line(e)}", True
             else:
                 self._deaths_in_row = 0
+                if isinstance(table, Unreached):
+                    rest = task.batch.take(table.positions)
+                    self._ship(rest, task)
+                    table = table.table
+                    if table is None:
+                        continue
                 yield task.batch, table
                 continue
             if own:
@@ -133,7 +149,7 @@ class Pool:
                     origin = task.origin or len(task.batch)
                     log.info("sweep: batch of candidates %s…%s failed (%s); splitting it in %d and %d",
                              task.batch.ids[0], task.batch.ids[-1], error, *map(len, halves))
-                    retry.extend(_Task(half, suspect=True, origin=origin) for half in halves)
+                    retry.extend(_Task(half, suspect=True, origin=origin, ship=task.ship) for half in halves)
                     continue
                 if task.failures >= self.max_attempts:
                     message = _failure_message(task, error)
@@ -145,6 +161,15 @@ class Pool:
             self.retries += 1
             retry.append(task)
 
+    def _ship(self, rest: CandidateBatch, task: _Task) -> None:
+        """Send `rest` (candidates of `task` whose files its worker could not reach) again, with their bytes."""
+        if not self.shipped:
+            log.warning("sweep: a worker could not reach %d of the files of candidates %s…%s by their paths (not "
+                        "there, or other files there); the driver reads such files and sends them (said once)",
+                        len(rest), task.batch.ids[0], task.batch.ids[-1])
+        self.shipped += len(rest)
+        self._resend.append(_Task(rest, ship=True))
+
     def _fill(self, source, retry: Deque[_Task], pending, exhausted: bool) -> bool:
         while True:
             if retry:
@@ -153,6 +178,12 @@ class Pool:
                     return exhausted
                 task = retry.popleft()
                 self._submit(index, task, pending, exclusive=True)
+                continue
+            if self._resend:
+                index = self._open_slot()
+                if index is None:
+                    return exhausted
+                self._submit(index, self._resend.popleft(), pending, exclusive=False)
                 continue
             if exhausted:
                 return True
@@ -171,7 +202,11 @@ class Pool:
 
     def _submit(self, index: int, task: _Task, pending, exclusive: bool) -> None:
         slot = self.slots[index]
-        pending[slot.actor.evaluate.remote(task.batch)] = (index, slot.generation, task)
+        # A batch to ship is read here as it goes (its bytes are in the object store once submitted, and not
+        # kept here: a retry reads them again).
+        batch = dataclasses.replace(task.batch, source=task.batch.source.shipped()) if task.ship else task.batch
+        pending[slot.actor.evaluate.remote(batch)] = (index, slot.generation, task)
+        del batch
         slot.load += 1
         slot.exclusive = exclusive
 

@@ -7,6 +7,12 @@ The candidates are both straight paths at `alphas`: `path = original`
 (reference → model) and `path = aligned` (reference → permuted model), so the
 summary holds the barrier of each (`original_barrier_<metric>`,
 `aligned_barrier_<metric>`).
+
+Weight matching here permutes plain networks only: a chain of Linear / Conv
+layers with the biases and norms between them (an MLP, a plain CNN). A model
+with embeddings, attention, transposed linears (transformers' `Conv1D`) or
+tied weights — a GPT, a BERT, a ViT — is refused before any work starts, with
+a ConfigError that names the modules that make it so.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..errors import ConfigError
@@ -29,6 +36,8 @@ from ._path import AlphaRange, PathRows, alpha_values, in_module_order, load_end
 from .base import CandidateBatch, RecipeBatch, StudyBase, StudyContext
 
 PATHS = ("original", "aligned")
+#: Modules named in the refusal of a model that is not plain (the rest are counted).
+MAX_NAMED_MODULES = 3
 
 
 class Config(Section):
@@ -57,6 +66,8 @@ class Align(StudyBase):
     def __init__(self, config: Config, context: Optional[StudyContext] = None):
         from ..align import AlignError, align  # loads scipy: only when a study aligns
 
+        if context is not None:
+            refuse_non_plain(context.module())
         reference, model = (in_module_order(e, context) for e in
                             load_endpoints([config.reference, config.model], field="study.reference/model"))
         try:
@@ -106,6 +117,53 @@ class Align(StudyBase):
             out.update(self.rows.barriers(list(self.metric_names), self.objective, self.mode, 1,
                                           path=path, prefix=f"{path}_"))
         return out
+
+
+def not_plain(module: torch.nn.Module) -> Dict[str, List[str]]:
+    """What keeps `module` from being a plain chain of Linear / Conv layers: what each kind of obstacle is →
+    the modules (or parameters) that are one, in the module's order; empty when nothing does. Found:
+    embeddings, attention (`nn.MultiheadAttention`, or a module whose class name says Attention; its own
+    children are not looked at), transposed linears (transformers' `Conv1D`) and tied parameters. Residual
+    connections do not show in the modules and are not found."""
+    found: Dict[str, List[str]] = {}
+    inside: List[str] = []
+    for name, sub in module.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        kind = type(sub).__name__
+        if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            found.setdefault(f"embeddings ({kind})", []).append(name or "the model")
+        elif isinstance(sub, torch.nn.MultiheadAttention) or "attention" in kind.lower():
+            found.setdefault(f"attention ({kind})", []).append(name or "the model")
+            inside.append(name)
+        elif kind == "Conv1D" and type(sub).__module__.startswith("transformers"):
+            found.setdefault(f"linear layers that store their weight input-first ({kind})", []).append(name)
+    first: Dict[int, str] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            found.setdefault("tied weights", []).append(f"{name} = {first[id(parameter)]}")
+        else:
+            first[id(parameter)] = name
+    return found
+
+
+def refuse_non_plain(module: torch.nn.Module) -> None:
+    """Raise ConfigError, saying why and what align supports, when `module` is not a plain network."""
+    found = not_plain(module)
+    if not found:
+        return
+    parts = []
+    for what, names in found.items():
+        shown = ", ".join(names[:MAX_NAMED_MODULES]) + (f" and {len(names) - MAX_NAMED_MODULES} more"
+                                                         if len(names) > MAX_NAMED_MODULES else "")
+        parts.append(f"{what}: {shown}")
+    raise ConfigError(
+        f"study.kind: align permutes the hidden units of a plain network by weight matching: a chain of Linear / "
+        f"Conv layers with the biases and norms between them (an MLP or a plain CNN). The model is a "
+        f"{type(module).__name__}, which is not one; it has {'; '.join(parts)}. Embeddings, attention heads, "
+        f"residual streams and tied weights need a permutation spec written for the architecture, which sweep "
+        f"does not have. Interpolate or merge these checkpoints without alignment (study kind interpolate, merge "
+        f"or landscape) instead.")
 
 
 def plan(config: Config, context: Optional[StudyContext] = None) -> Align:

@@ -76,6 +76,24 @@ class CandidateBatch:
         """The columns the source itself describes its candidates with (a recipe's alphas, seeds, …)."""
         return self.source.rows.columns() if isinstance(self.source, RecipeBatch) else {}
 
+    def take(self, positions: Sequence[int]) -> "CandidateBatch":
+        """The candidates at `positions` (in that order) alone: their ids, columns, meta and source.
+
+        Raises TypeError when the source cannot be cut (as `slice` does).
+        """
+        n = len(self)
+        at = [int(i) for i in positions]
+        cut = _source_taker(self.source, n)
+        if cut is None:
+            raise TypeError(f"a batch whose source is a {type(self.source).__name__} cannot be cut: give the "
+                            f"source a take(positions) method, or make it a dataclass of per-candidate lists")
+        return CandidateBatch(
+            ids=self.ids[at] if isinstance(self.ids, np.ndarray) else [self.ids[i] for i in at],
+            columns={name: _pick(values, at) for name, values in self.columns.items()},
+            source=cut(at),
+            meta={k: _pick(v, at) if _per_candidate(v, n) else v for k, v in self.meta.items()},
+        )
+
     def halves(self) -> Optional[Tuple["CandidateBatch", "CandidateBatch"]]:
         """The batch in two parts (the first the larger), or None: one candidate, or a source that cannot be split."""
         n = len(self)
@@ -114,6 +132,42 @@ def _source_slicer(source: Any, n: int) -> Optional[Callable[[int, int], Any]]:
         return lambda start, stop: dataclasses.replace(
             source, **{name: getattr(source, name)[start:stop] for name in cut})
     return None
+
+
+def _pick(values: Any, at: List[int]) -> Any:
+    """`values` (a list, tuple or array with one entry per candidate) at positions `at`."""
+    if isinstance(values, np.ndarray):
+        return values[at]
+    picked = [values[i] for i in at]
+    return tuple(picked) if isinstance(values, tuple) else picked
+
+
+def _source_taker(source: Any, n: int) -> Optional[Callable[[List[int]], Any]]:
+    """How to cut `source` (of `n` candidates) to the candidates at some positions, or None (see `_source_slicer`)."""
+    if isinstance(source, RecipeBatch):
+        return None
+    if callable(getattr(source, "take", None)):
+        return source.take
+    if isinstance(source, (list, tuple)):
+        return lambda at: _pick(source, at)
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        fields = [f.name for f in dataclasses.fields(source) if f.init]
+        cut = [name for name in fields if _per_candidate(getattr(source, name), n)]
+        if not cut:
+            return None
+        return lambda at: dataclasses.replace(source, **{name: _pick(getattr(source, name), at) for name in cut})
+    return None
+
+
+@dataclass
+class Unreached:
+    """What a worker returns for a batch of checkpoints some of which it cannot reach by their paths (files
+    on the driver's disk alone): the rows of the others (`table`, None when there are none), and the
+    positions in the batch of those it could not reach. The driver sends those again with their bytes
+    (their source's `shipped()`)."""
+
+    table: Optional[pa.Table]
+    positions: List[int]
 
 
 class Wait:
@@ -271,10 +325,11 @@ def checking_anchors(check: Optional[Callable[[str, str], None]]) -> Iterator[No
 
 
 def read_weights(path: str, field: str) -> Dict[str, torch.Tensor]:
-    """A weights file the config names (an anchor: an endpoint, a base, a model to merge, a centre, a
-    direction's end); a file that cannot be read is a config error naming `field`.
+    """A weights file or checkpoint folder the config names (an anchor: an endpoint, a base, a model to merge,
+    a centre, a direction's end); one that cannot be read is a config error naming `field`.
 
-    Studies read every such file through here, so that the checks before a run (`checking_anchors`) see it.
+    Studies read every such file through here, so that the checks before a run (`checking_anchors`) see it;
+    within `sweep.checkpoint_keys.reading_for` (the checks before a run) its keys are matched to the module's.
     """
     check = _anchor_check.get()
     if check is not None:

@@ -41,7 +41,8 @@ class Config(Section):
     """Evaluate the path through `endpoints` at each alpha."""
 
     kind: Literal["interpolate"]
-    endpoints: List[Text] = Field(min_length=2, description="weights files along the path, in order")
+    endpoints: List[Text] = Field(min_length=2,
+                                  description="weights files or checkpoint folders along the path, in order")
     alphas: Alphas = Field(description="a list of alphas, or {start, stop, num}")
     method: Literal["linear", "slerp"] = Field("linear", description="straight lines, or per-tensor SLERP")
     align: Literal["none", "weight_matching"] = Field(

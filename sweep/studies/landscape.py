@@ -43,9 +43,10 @@ class Config(Section):
     """Evaluate a 1-D line (`x`) or a 2-D grid (`x` × `y`) around `center`."""
 
     kind: Literal["landscape"]
-    center: Optional[Text] = Field(None, description="weights file at (0, 0) (default: the model's own weights)")
+    center: Optional[Text] = Field(
+        None, description="weights file or checkpoint folder at (0, 0) (default: the model's own weights)")
     directions: Union[Literal["random"], List[Text]] = Field(
-        "random", description="'random', or one or two weights files: d_i = file_i − center")
+        "random", description="'random', or one or two weights files or checkpoint folders: d_i = file_i − center")
     x: AlphaRange = Field(description="{start, stop, num} along the first direction")
     y: Optional[AlphaRange] = Field(None, description="{start, stop, num} along the second (omit for a line)")
     normalization: Literal["filter", "layer", "none"] = Field("filter", description="random directions only")

@@ -21,6 +21,11 @@ objective is not finite) the soup stops there, its planned ids become invalid
 rows that say why, and the summary's `greedy_soup_stopped` names the model.
 Rows of task arithmetic and the soups travel as one Affine recipe over the
 task vectors; TIES and DARE as MergeRows over the same anchors.
+
+`tradeoff` names metrics that pull against each other (each model's loss on
+its own data: `[loss_email, loss_asyncio, loss_json]`): the report then draws
+every candidate in each pair of them with the Pareto front
+(merge-tradeoff.png) and lists the candidates no other beats on all of them.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..files import resolve_file, resolve_files
 from ..plotting import (CHAR_WIDTH, MAX_COLUMNS, MAX_FIGURE_WIDTH, MIN_FONT_SIZE, Figure, RunView, Scale, best_index,
-                        better, cmap, column_floats, draw_each, figure, fmt, histogram, label, pivot, pivot_counts,
-                        save, status_mask, thin_ticks, value_scale)
+                        better, cmap, column_floats, draw_each, escape, figure, fmt, histogram, html_table, label,
+                        log_axis, pivot, pivot_counts, place_labels, point_label, renderer_of, save, status_mask,
+                        thin_ticks, value_scale)
 from ..errors import ConfigError
 from ..recipes import AffineRows, MergeRows, Rows, anchor_set
 from ..settings import Float, Int, Section, Text
@@ -54,6 +60,8 @@ SPARSE = ("ties", "dare", "dare_ties")
 MAX_ROWS = 10_000_000
 #: Row r of a DARE method reads its masks from the noise table at seed `seed * SEED_STRIDE + candidate id`.
 SEED_STRIDE = 2**32
+#: Most metrics in `tradeoff`: the figure draws each pair of them (4 metrics, 6 panels).
+MAX_TRADEOFF_METRICS = 4
 
 
 class Config(Section):
@@ -75,6 +83,20 @@ class Config(Section):
     samples: Int = Field(32, ge=1, le=MAX_ROWS, description="draws per method with search: random")
     per_model: bool = Field(False, description="one λ per model (task_arithmetic and dare)")
     seed: Int = Field(0, ge=0, lt=2**31, description="seeds DARE's masks and the random search")
+    tradeoff: List[Text] = Field(
+        default_factory=list, max_length=MAX_TRADEOFF_METRICS,
+        description=f"2 to {MAX_TRADEOFF_METRICS} metrics the report draws against each other with their Pareto "
+                    f"front (e.g. each model's loss on its own data); none by default")
+
+    @field_validator("tradeoff")
+    @classmethod
+    def _tradeoff(cls, v: List[str]) -> List[str]:
+        if len(v) == 1:
+            raise ValueError(f"a trade-off needs 2 to {MAX_TRADEOFF_METRICS} metrics, got only {v[0]!r}; "
+                             f"add the metrics it pulls against, or leave tradeoff out")
+        if len(set(v)) != len(v):
+            raise ValueError(f"each metric once, got {v}")
+        return v
 
     @field_validator("base")
     @classmethod
@@ -198,6 +220,16 @@ class MergeStudy(StudyBase):
     def __len__(self) -> int:
         return self.total
 
+    def bind(self, objective: Optional[str], mode: str, metric_names: Sequence[str] = ()) -> None:
+        """As every study; and `tradeoff` must name metrics the metrics function returns (checked now, once
+        the workers have said which, before any candidate is evaluated)."""
+        super().bind(objective, mode, metric_names)
+        unknown = [m for m in self.config.tradeoff if m not in metric_names]
+        if unknown and metric_names:
+            raise ConfigError(f"study.tradeoff: {', '.join(map(repr, unknown))} "
+                              f"{'is not a metric' if len(unknown) == 1 else 'are not metrics'}: the metrics "
+                              f"function returns {', '.join(metric_names)}; name the metrics to draw against each "
+                              f"other from those")
 
     # -- rows -------------------------------------------------------------------
     def _affine(self, ids: np.ndarray, methods: Sequence[str], coeffs: np.ndarray, lam: Optional[np.ndarray],
@@ -368,7 +400,7 @@ def example(bench: Any) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- figures
 
 #: The report figures this study may write (and the objective's histogram).
-FIGURES = ("merge.png", "merge-summary.png", "objective.png")
+FIGURES = ("merge.png", "merge-summary.png", "merge-tradeoff.png", "objective.png")
 #: Per-model coefficients of a random search over them: columns lambda_0 … lambda_{N-1}.
 PER_MODEL_LAMBDA = re.compile(r"lambda_([0-9]+)")
 #: Merge methods drawn as heat maps over lambda × density.
@@ -382,8 +414,15 @@ HEAT_MAP_HEIGHT, PANEL_HEIGHT = 3.4, 3.6
 
 def figures(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
     """merge.png (the objective over each method's coefficients), merge-summary.png (base, models, soups and
-    each method's best) and the objective's histogram; each method's best row is a Summary line."""
-    return draw_each(run, folder, notes, {"merge": _merge_figures, "histogram": histogram})
+    each method's best), merge-tradeoff.png (with `study.tradeoff`: each pair of its metrics and the Pareto
+    front) and the objective's histogram; each method's best row is a Summary line."""
+    return draw_each(run, folder, notes, {"merge": _merge_figures, "trade-off": _tradeoff_figure,
+                                          "histogram": histogram})
+
+
+def page(run: RunView) -> List[str]:
+    """With `study.tradeoff`: the Pareto-optimal candidates over its metrics, as a table."""
+    return _pareto_section(run)
 
 
 def merge_grid(table: pa.Table, method: str, objective: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -454,8 +493,11 @@ def _merge_summary(run: RunView) -> List[Tuple[str, float, int, str]]:
     if (i := best_of("base")) is not None:
         add("base", i)
     model_rows = np.flatnonzero((methods == "model") & np.isfinite(values))
+    names = _model_names(run)
     for n, i in enumerate(model_rows[np.argsort(ids[model_rows], kind="stable")]):
-        add(f"model {soups[i] if soups[i] is not None else n}", int(i))
+        index = soups[i] if soups[i] is not None else str(n)
+        named = index.isdigit() and int(index) < len(names)
+        add(f"model {index}" + (f" ({names[int(index)]})" if named else ""), int(i))
     if (i := best_of("uniform_soup")) is not None:
         add("uniform soup", i)
     greedy = np.flatnonzero(methods == "greedy_soup")
@@ -669,8 +711,8 @@ def _merge_dots(run: RunView, folder: Path, entries: List[Tuple[str, float, int,
     scale.axis(ax, "x", values)
     ax.margins(x=0.12)
     ax.set_xlabel(run.metric_label(run.objective, scale))
-    ax.set_title(f"{label(run.name)}: base, models, soups and each method's best ({better(run.mode)}; "
-                 f"best in red)", fontsize=10)
+    ax.set_title(f"{label(run.name)}: base, models, soups and each method's best\n({better(run.mode)}; "
+                 f"the best in red)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     if base or len(models):
         fig.legend(loc="outside lower center", ncol=2, fontsize=MIN_FONT_SIZE + 1, frameon=False)
@@ -679,3 +721,238 @@ def _merge_dots(run: RunView, folder: Path, entries: List[Tuple[str, float, int,
     return Figure(path, f"{run.objective} of the base, each model, the uniform soup, the final greedy soup and the "
                         f"best row of each merge method, one dot each; the overall best is red, the dashed line "
                         f"is the base and the dotted line the best single model.")
+
+
+# --------------------------------------------------------------------------- the trade-off between metrics
+
+#: How merge-tradeoff.png draws each method's rows: (colour, marker). The base and the models are drawn apart.
+METHOD_STYLE = {"task_arithmetic": ("C0", "o"), "ties": ("C1", "s"), "dare": ("C2", "^"), "dare_ties": ("C4", "v"),
+                "uniform_soup": ("C5", "D"), "greedy_step": ("C7", "P"), "greedy_soup": ("C6", "X")}
+#: Pareto-optimal rows listed on the page, at most (the best by the objective first).
+MAX_PARETO_LISTED = 40
+#: The trade-off panels' axes run from the best value to the worst of the base, the models and the pair's front,
+#: with this fraction of that range as a margin either side.
+TRADEOFF_MARGIN = 0.06
+
+
+def pareto_mask(values: np.ndarray, maximise: Optional[Sequence[bool]] = None) -> np.ndarray:
+    """Which rows of `values` [n, k] are Pareto-optimal: no other row is at least as good on every column
+    and better on one. Lower is better, or higher for the columns `maximise` marks. A row with a non-finite
+    value is never optimal; equal rows are optimal together or not at all.
+
+    The rows are visited in lexicographic order, in which whatever dominates a row comes before it, and
+    each is compared with the optimal rows found so far: O(n · front · k)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"values must be [rows, metrics], got shape {values.shape}")
+    if maximise is not None:
+        values = np.where(np.asarray(maximise, dtype=bool)[None, :], -values, values)
+    rows = np.flatnonzero(np.isfinite(values).all(axis=1))
+    order = rows[np.lexsort(values[rows].T[::-1])] if len(rows) else rows
+    front: List[int] = []
+    for i in order.tolist():
+        v = values[i]
+        if front:
+            seen = values[front]
+            if ((seen <= v).all(axis=1) & (seen < v).any(axis=1)).any():
+                continue
+        front.append(i)
+    keep = np.zeros(len(values), dtype=bool)
+    keep[front] = True
+    return keep
+
+
+@dataclass
+class _Tradeoff:
+    """The rows merge-tradeoff.png and the page's Pareto table draw on: the ok rows with a finite value of
+    every trade-off metric."""
+
+    metrics: List[str]
+    rows: np.ndarray  # indices into the ok rows
+    values: np.ndarray  # [rows, metrics]
+    maximise: List[bool]
+    front: np.ndarray  # [rows] Pareto-optimal over every metric
+
+
+def _tradeoff(run: RunView) -> Optional[_Tradeoff]:
+    """The trade-off of `study.tradeoff`, or None (no such setting, or fewer than 2 of its metrics in the
+    results: a warning then says which are missing)."""
+    def make(run: RunView) -> Optional[_Tradeoff]:
+        named = list(getattr(run.study, "tradeoff", None) or [])
+        if not named:
+            return None
+        missing = [m for m in named if m not in run.metrics]
+        if missing:
+            run.warnings.append(f"study.tradeoff names {', '.join(missing)}, which the results have no column of "
+                                f"(metrics: {', '.join(run.metrics)}): left out of the trade-off")
+        metrics = [m for m in named if m in run.metrics]
+        if len(metrics) < 2:
+            return None
+        values = np.stack([run.floats(m) for m in metrics], axis=1)
+        rows = np.flatnonzero(np.isfinite(values).all(axis=1))
+        maximise = [run.mode_of(m) == "max" for m in metrics]
+        return _Tradeoff(metrics, rows, values[rows], maximise, pareto_mask(values[rows], maximise))
+
+    return run.once("merge-tradeoff", make)
+
+
+def _model_names(run: RunView) -> List[str]:
+    """Each model's name on the figure: its weights file's stem (the folder's name for a checkpoint folder)."""
+    names = []
+    for path in getattr(run.study, "models", None) or []:
+        p = Path(str(path))
+        names.append(p.parent.name if p.stem in ("model", "pytorch_model") else p.stem)
+    return names
+
+
+def _model_name(soup: Optional[str], models: List[str]) -> str:
+    """The name of the model a `model` row evaluates (its `soup` column holds the model's index)."""
+    return models[int(soup)] if soup is not None and soup.isdigit() and int(soup) < len(models) else f"model {soup}"
+
+
+def _row_name(run: RunView, i: int, models: List[str]) -> str:
+    """What row `i` is on the page's table: a model's name for a model's own row, else its method."""
+    method = run.texts("method")[i]
+    return _model_name(run.texts("soup")[i], models) if method == "model" else str(method)
+
+
+def _tradeoff_figure(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
+    """merge-tradeoff.png: each pair of the trade-off metrics, every candidate a point coloured and shaped
+    by its method, the pair's Pareto front as a staircase, the base and each model marked and named."""
+    from matplotlib.lines import Line2D
+
+    t = _tradeoff(run)
+    if t is None or not len(t.rows):
+        return []
+    methods = run.texts("method")[t.rows]
+    soups = run.texts("soup")[t.rows]
+    models = _model_names(run)
+    base = np.flatnonzero(methods == "base")
+    model_rows = np.flatnonzero(methods == "model")
+    best = best_index(run.floats(run.objective)[t.rows], run.mode) if run.objective else None
+    pairs = list(itertools.combinations(range(len(t.metrics)), 2))
+    legend_slot = len(pairs) > 1 and len(pairs) % MAX_COLUMNS == 1  # an empty cell: the legend goes there
+    fig, axes = figure(len(pairs) + (1 if legend_slot else 0), width=4.55, height=4.1)
+    labels = []
+    for ax, (a, b) in zip(axes, pairs):
+        x, y = t.values[:, a], t.values[:, b]
+        pair = pareto_mask(t.values[:, [a, b]], [t.maximise[a], t.maximise[b]])
+        for method in [m for m in METHOD_STYLE if (methods == m).any()] + sorted(
+                {m for m in methods if m is not None and m not in METHOD_STYLE and m not in ("base", "model")}):
+            on = methods == method
+            colour, marker = METHOD_STYLE.get(method, ("C8", "o"))
+            ax.scatter(x[on], y[on], s=20, color=colour, marker=marker, alpha=0.85, edgecolors="none", zorder=3,
+                       label=label(method.replace("_", " ")))
+        order = np.flatnonzero(pair)[np.argsort(x[pair], kind="stable")]
+        ax.step(x[order], y[order], where="pre" if t.maximise[a] else "post", color="0.15", ls="--", lw=1.2,
+                zorder=2, label="Pareto front of the pair")
+        ax.scatter(x[order], y[order], s=58, facecolors="none", edgecolors="0.15", linewidths=0.9, zorder=4)
+        for i in base:
+            ax.plot(x[i], y[i], "s", ms=9, color="black", zorder=6, label="base")
+            labels.append((ax, point_label(ax, "base", (x[i], y[i]), fontsize=MIN_FONT_SIZE + 1, zorder=7)))
+        for k, i in enumerate(model_rows):
+            ax.plot(x[i], y[i], "*", ms=15, color="black", mec="white", mew=0.6, zorder=6,
+                    label="a fine-tuned model" if k == 0 else None)
+            labels.append((ax, point_label(ax, label(_model_name(soups[i], models)), (x[i], y[i]),
+                                           fontsize=MIN_FONT_SIZE + 1, zorder=7)))
+        if best is not None:
+            ax.plot(x[best], y[best], "o", ms=14, mfc="none", mec="C3", mew=2.0, zorder=5,
+                    label=f"best {label(run.objective)}")
+        anchors = np.concatenate([base, model_rows, np.flatnonzero(pair)]).astype(np.int64)
+        beyond = np.zeros(len(x), dtype=bool)
+        for which, col in (("x", a), ("y", b)):
+            beyond |= _tradeoff_axis(ax, which, t.values[:, col], anchors, t.maximise[col])
+        count = int(beyond.sum())
+        ax.set_xlabel(run.metric_label(t.metrics[a]))
+        ax.set_ylabel(run.metric_label(t.metrics[b]))
+        ax.set_title(f"{label(t.metrics[b])} against {label(t.metrics[a])}\n{int(pair.sum())} on the pair's front"
+                     + (f", {count} beyond the axes" if count else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    handles.append(Line2D([], [], ls="none", marker="o", ms=8, mfc="none", mec="0.15", mew=0.9))
+    names.append("on the pair's front")
+    if legend_slot:
+        axes[-1].axis("off")
+        axes[-1].legend(handles, names, loc="center", fontsize=MIN_FONT_SIZE + 1, frameon=False)
+    else:
+        fig.legend(handles, names, loc="outside lower center", ncol=4, fontsize=MIN_FONT_SIZE + 1, frameon=False)
+    modes = {run.mode_of(m) for m in t.metrics}
+    fig.suptitle(f"{label(run.name)}: the trade-off between {', '.join(label(m) for m in t.metrics)}"
+                 + (f" ({better(modes.pop())} on each)" if len(modes) == 1 else ""), fontsize=11)
+    renderer = renderer_of(fig)
+    for ax in axes[: len(pairs)]:
+        place_labels(ax, [text for where, text in labels if where is ax], renderer=renderer)
+    path = folder / "merge-tradeoff.png"
+    save(fig, path)
+    notes.append(f"Pareto set over {', '.join(t.metrics)}: {int(t.front.sum())} of {len(t.rows)} candidates "
+                 f"(no other candidate is as good on all of them and better on one; listed below)")
+    caption = (f"Each candidate as a point in each pair of {', '.join(t.metrics)}, coloured and shaped by its merge "
+               f"method; the dashed staircase is the pair's Pareto front (its points ringed: no candidate is better "
+               f"on both), the black square the base, each star a fine-tuned model"
+               + (f", the red ring the best {run.objective}" if best is not None else "")
+               + "; each axis runs from the best value to the worst of the base, the models and the pair's front "
+                 "(the candidates worse than all of those on an axis lie beyond it, counted in the panel's title).")
+    return [Figure(path, caption)]
+
+
+def _tradeoff_axis(ax: Any, which: str, values: np.ndarray, anchors: np.ndarray, maximise: bool) -> np.ndarray:
+    """Limit one axis of a trade-off panel to the best value and the worst of `anchors` (the base, the
+    models and the pair's front), with a margin; a log scale by `value_scale`'s rule over what is shown.
+    Returns which rows lie beyond the limits."""
+    finite = values[np.isfinite(values)]
+    if not len(finite) or not len(anchors):
+        return np.zeros(len(values), dtype=bool)
+    if maximise:
+        low, high = float(values[anchors].min()), float(finite.max())
+    else:
+        low, high = float(finite.min()), float(values[anchors].max())
+    outside = (values < low) | (values > high)
+    shown = values[~outside & np.isfinite(values)]
+    scale = value_scale(shown, "max" if maximise else "min")
+    if scale.log:
+        log_axis(ax, which, shown)
+        pad = (high / low) ** TRADEOFF_MARGIN if high > low else 1.5
+        limits = (low / pad, high * pad)
+    else:
+        pad = (high - low) * TRADEOFF_MARGIN if high > low else abs(high) * 0.05 or 0.5
+        limits = (low - pad, high + pad)
+    (ax.set_xlim if which == "x" else ax.set_ylim)(*limits)
+    return outside
+
+
+def _pareto_section(run: RunView) -> List[str]:
+    """The page's table of the Pareto set over `study.tradeoff` (best objective first; none without one)."""
+    t = _tradeoff(run)
+    if t is None:
+        return []
+    head = "<h2>Trade-off: the Pareto set</h2>\n"
+    chosen = t.rows[t.front]
+    if not len(chosen):
+        return [head + f"<p>No candidate has a finite value of every one of {escape(', '.join(t.metrics))}.</p>\n"]
+    objective = run.floats(run.objective)[chosen] if run.objective else np.full(len(chosen), np.nan)
+    key = np.where(np.isfinite(objective), -objective if run.mode == "max" else objective, np.inf)
+    chosen = chosen[np.argsort(key, kind="stable")]
+    shown = chosen[:MAX_PARETO_LISTED]
+    models = _model_names(run)
+    metrics = t.metrics + ([run.objective] if run.objective and run.objective not in t.metrics else [])
+    described = [c for c in ("lambda", *_per_model_columns(run.ok), "density", "seed", "soup")
+                 if c in run.ok.column_names]
+    rows = []
+    for i in shown.tolist():
+        row: List[Any] = [int(run.floats("candidate_id")[i]), _row_name(run, i, models)]
+        for c in described:
+            value = run.texts(c)[i] if c == "soup" else run.floats(c)[i]
+            finite = value is not None and (isinstance(value, str) or np.isfinite(value))
+            row.append((int(value) if c == "seed" else value) if finite else None)
+        row += [float(run.floats(m)[i]) for m in metrics]
+        rows.append(row)
+    names = ", ".join(t.metrics[:-1]) + f" and {t.metrics[-1]}"
+    modes = {run.mode_of(m) for m in t.metrics}
+    how = f"{better(modes.pop())} on each" if len(modes) == 1 else "; ".join(
+        f"{m}: {better(run.mode_of(m))}" for m in t.metrics)
+    more = len(chosen) - len(shown)
+    text = (f"<p>The {len(chosen)} of {len(t.rows)} candidates on the Pareto front of {escape(names)} "
+            f"({escape(how)}): no other candidate is at least as good on all of them and better on one. Best "
+            f"{escape(run.objective or '')} first{f'; the first {len(shown)} shown' if more else ''}. The models "
+            f"are named by their files; <i>soup</i> lists the models a soup averages.</p>\n")
+    return [head + text + html_table(["candidate_id", "candidate", *described, *metrics], rows, "pareto") + "\n"]

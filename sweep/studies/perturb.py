@@ -35,7 +35,8 @@ class Config(Section):
     """Evaluate `count` perturbations base + sigma·N(0, I)."""
 
     kind: Literal["perturb"]
-    base: Optional[Text] = Field(None, description="weights file to perturb (default: the model's own weights)")
+    base: Optional[Text] = Field(
+        None, description="weights file or checkpoint folder to perturb (default: the model's own weights)")
     sigma: Float = Field(gt=0, description="standard deviation of the noise (a finite number)")
     count: Int = Field(ge=1, le=MAX_COUNT, description="how many perturbations")
     seed: Int = Field(0, ge=0, lt=2**31, description="the sweep's seed")

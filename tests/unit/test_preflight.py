@@ -166,7 +166,9 @@ def test_what_is_not_a_weights_file_is_said_cheaply(tmp_path):
         read_entries(str(other))
     folder = tmp_path / "d.safetensors"
     folder.mkdir()
-    with pytest.raises(WeightsError, match="a folder, not a regular file"):
+    with pytest.raises(WeightsError, match="d.safetensors: a folder without a checkpoint: it holds none of "
+                                           "model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+                                           "pytorch_model.bin.index.json"):
         read_entries(str(folder))
     assert read_entries(str(tmp_path / "absent.safetensors")) is None  # the run's own reading says so
     assert read_entries("s3://bucket/w.safetensors") is None
