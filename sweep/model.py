@@ -434,17 +434,23 @@ def safetensors_header_length(first: bytes, size: int, name: str) -> int:
     return header_len
 
 
-def parse_safetensors_header(text: bytes, name: str) -> Dict[str, Any]:
-    """A safetensors header as a dict: JSON, one object, no name given twice (in it or in one entry)."""
-    repeated: List[Optional[str]] = []  # per JSON object, in parse order: a key it holds twice, or None
+def _json_with_repeats(text: Any) -> Tuple[Any, List[Optional[str]]]:
+    """`json.loads(text)` and, per JSON object in parse order (innermost first, the outermost last), a key
+    it holds twice or None: JSON itself keeps the last value of a repeated key without a word."""
+    repeated: List[Optional[str]] = []
 
     def no_repeats(pairs: List[Any]) -> Dict[str, Any]:
         seen: set = set()
         repeated.append(next((key for key, _ in pairs if key in seen or seen.add(key)), None))
         return dict(pairs)
 
+    return json.loads(text, object_pairs_hook=no_repeats), repeated
+
+
+def parse_safetensors_header(text: bytes, name: str) -> Dict[str, Any]:
+    """A safetensors header as a dict: JSON, one object, no name given twice (in it or in one entry)."""
     try:
-        header = json.loads(text, object_pairs_hook=no_repeats)
+        header, repeated = _json_with_repeats(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{name}: not a safetensors file: its header is not JSON ({e})") from None
     except RecursionError:
@@ -739,15 +745,8 @@ def folder_layout(folder: str, files: Any = None) -> Layout:
 def parse_index(data: bytes, name: str, weights_name: str) -> Dict[str, str]:
     """The `weight_map` (key → shard file name) of an index file; `weights_name` ('model.safetensors',
     'pytorch_model.bin') says which format its shards must be in."""
-    repeated: List[str] = []
-
-    def no_repeats(pairs: List[Any]) -> Dict[str, Any]:
-        seen: set = set()
-        repeated.extend(key for key, _ in pairs if key in seen or seen.add(key))
-        return dict(pairs)
-
     try:
-        index = json.loads(data, object_pairs_hook=no_repeats)
+        index, repeats = _json_with_repeats(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{name}: not an index of shards: not JSON ({e})") from None
     except RecursionError:
@@ -756,6 +755,7 @@ def parse_index(data: bytes, name: str, weights_name: str) -> Dict[str, str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsError(f"{name}: not an index of shards: expected a JSON object with a non-empty "
                            f"'weight_map' of key → shard file name")
+    repeated = [key for key in repeats if key is not None]
     if repeated:
         raise WeightsError(f"{name}: lists {repeated[0]!r} twice: each key lies in one shard")
     suffixes = SAFETENSORS_SUFFIXES if weights_name.endswith(SAFETENSORS_SUFFIXES) else TORCH_SUFFIXES
