@@ -182,7 +182,8 @@ def _write_report(run_dir: Path, *, top: int = 10, mlflow: bool = True) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     logged = " (and to the MLflow run, under report/)" if report.mlflow_logged else ""
-    print(f"report: {report.html} with {len(report.figures)} figures{logged}")
+    n = len(report.figures)
+    print(f"report: {report.html} with {n} figure{'' if n == 1 else 's'}{logged}")
     return EXIT_OK
 
 
@@ -195,7 +196,11 @@ def _report(result, config) -> int:
         line += f"; best {objective} {s['best_' + objective]:.6g} (candidate {s['best_candidate_id']})"
     print(line)
     for key, value in result.findings.items():
-        print(f"  {key}: {value:.6g}" if isinstance(value, (int, float)) else f"  {key}: {value}")
+        # `+ 0.0` prints a negative zero (a barrier of -0.0 on a flat path) as 0.
+        if isinstance(value, float):
+            value += 0.0
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        print(f"  {key}: {value:.6g}" if numeric else f"  {key}: {value}")
     if s.get("worker_replacements") or s.get("batch_retries"):
         print(f"  {s['worker_replacements']} workers replaced, {s['batch_retries']} batches re-run")
     for line in _problem_lines(result, config is None or config.sinks.parquet.enabled):

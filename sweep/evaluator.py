@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 from .chunking import Trial, callable_id, choose_chunk_size, chunk_key
 from .chunking import forget as forget_chunk_size
 from .errors import SweepError
-from .messages import first_line
+from .messages import first_line, user_frame
 from .recipes import Prepared, Recipe, Rows, anchor_key
 from .results import arrow_array
 from .stacked import Population, Stacked
@@ -220,7 +220,13 @@ class Evaluator:
             if any(t.device.type == "meta" for t in own.values()):
                 raise CandidateError("the module's own parameters are on the meta device; nothing to probe")
             batched = {n: t.to(self.device, copy=True).unsqueeze(0) for n, t in own.items()}
-            self._loop_row(self._cast_all(batched), self._shared(), 0)
+            try:
+                self._loop_row(self._cast_all(batched), self._shared(), 0)
+            except CandidateError as e:
+                where = user_frame(e.__cause__) if e.__cause__ is not None else None
+                if where is None:
+                    raise
+                raise CandidateError(f"{e}, at {where}") from e.__cause__
         return self.metric_names  # type: ignore[return-value]
 
     def run(self, candidates: Any, ids: Optional[Sequence[int]] = None, *, timing: bool = False) -> pa.Table:

@@ -59,3 +59,20 @@ def last_line(error: BaseException, limit: int = 500) -> str:
         if not line.startswith(("File ", "Traceback", "^")):
             return line[:limit]
     return type(error).__name__
+
+
+def user_frame(error: BaseException) -> Optional[str]:
+    """Where in the user's code `error` was raised: "file.py:LINE in FUNCTION" of the innermost frame
+    outside torch and sweep's own modules (its examples count as the user's), or None when there is none."""
+    import os
+    import traceback
+
+    import torch
+
+    own = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    examples = os.path.join(own[1], "examples")
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(examples) or not path.startswith(own):
+            return f"{os.path.basename(path)}:{frame.lineno} in {frame.name}"
+    return None

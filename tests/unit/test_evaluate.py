@@ -697,3 +697,18 @@ def test_evaluate_and_bench_run_without_ray_mlflow_or_pydantic(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['ok'] [2.0]"
+
+
+def test_a_broken_metrics_function_is_named_with_its_file_and_line_when_the_module_s_own_weights_are_probed():
+    from sweep.evaluator import CandidateError
+
+    def metrics_taking_a_batch(out, batch):
+        x, y = batch  # the eval loader's labels come as the second argument, not an (x, y) pair
+        return {"loss": F.mse_loss(out, y)}
+
+    line = inspect.getsourcelines(metrics_taking_a_batch)[1] + 1
+    ev = Evaluator(make_mlp(), regression_batches(), metrics_taking_a_batch)
+    with pytest.raises(CandidateError) as caught:
+        ev.probe_metric_names()
+    assert str(caught.value).startswith("ValueError: ")
+    assert str(caught.value).endswith(f", at test_evaluate.py:{line} in metrics_taking_a_batch")

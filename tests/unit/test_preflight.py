@@ -487,3 +487,17 @@ def test_the_factory_s_module_is_imported_off_the_meta_device(tmp_path, monkeypa
     assert why is None and fit.schema.by_alias["weight"].shape == (1, 2)
     assert sys.modules["preflight_import_user"].MEAN.device.type == "cpu"
     assert sys.modules["preflight_import_user"].MEAN.tolist() == [0.5, 0.25]
+
+
+def test_the_run_summary_prints_findings_without_a_negative_zero(capsys):
+    """A flat path's barrier comes out of a max as -0.0: the summary prints 0, and a bool stays a bool."""
+    from types import SimpleNamespace
+
+    from sweep.cli import _report
+
+    summary = {"candidates": 3, "ok": 3, "invalid": 0, "failed": 0, "seconds": 0.5, "candidates_per_s": 6.0}
+    result = SimpleNamespace(name="flat", summary=summary, findings={"barrier_loss": -0.0, "aligned": True},
+                             problems=[], results_dir="/r", mlflow_run_id=None, warnings=[])
+    _report(result, None)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:3] == ["  barrier_loss: 0", "  aligned: True"]
