@@ -23,7 +23,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -228,6 +228,8 @@ class Population:
             raise ValueError("the training loader gave no batches")
         self.steps_done = 0
         self._losses = vmap(self._loss, in_dims=(0, None, None, 0), randomness="different")
+        #: seed -> a module of this architecture built under that torch seed (a restarted member's start)
+        self.factory: Optional[Callable[[int], torch.nn.Module]] = None
 
     def _views(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         """{name: [M, *shape]} views of a flat [M, P] tensor."""
@@ -301,6 +303,53 @@ class Population:
         for n, h in self.hyper.items():
             if n in state.hyper:
                 h[i, 0] = state.hyper[n]
+
+    @torch.no_grad()
+    def retain(self, members: Sequence[int]) -> None:
+        """Keep only `members` (the others stopped): their rows leave the stacked tensors, so every later
+        step trains and evaluates fewer rows."""
+        wanted = set(members)
+        keep = [m for m in self.ids if m in wanted]
+        if keep == self.ids:
+            return
+        rows = torch.tensor([self.index[m] for m in keep], dtype=torch.long, device=self.device)
+        self.flat = self.flat.index_select(0, rows)
+        self.params = self._views(self.flat)
+        self.state = {n: s.index_select(0, rows) for n, s in self.state.items()}
+        self.hyper = {n: h.index_select(0, rows) for n, h in self.hyper.items()}
+        self.ids = keep
+        self.index = {member: i for i, member in enumerate(self.ids)}
+
+    @torch.no_grad()
+    def restart(self, starts: Mapping[int, "Start"]) -> None:
+        """Start each member of `starts` afresh (a new trial in its slot): weights from the factory under its
+        seed (or the module's own weights for `MODEL_START`), optimiser state zeroed. A member not held yet
+        gets a new row (its hyperparameters torch.optim's defaults until set). When every member held
+        restarts, the batches start from the first again, as for a population just made."""
+        new = [m for m in starts if m not in self.index]
+        if new:
+            grow = len(new)
+            self.flat = torch.cat([self.flat, self.flat.new_zeros((grow, self.flat.shape[1]))])
+            self.params = self._views(self.flat)
+            self.state = {n: torch.cat([s, s.new_zeros((grow,) + tuple(s.shape[1:]))]) for n, s in self.state.items()}
+            defaults = OPTIMIZERS[self.optimizer]
+            self.hyper = {n: torch.cat([h, h.new_full((grow, 1), defaults.get(n, 0.0))]) for n, h in self.hyper.items()}
+            self.ids = self.ids + new
+            self.index = {member: i for i, member in enumerate(self.ids)}
+        for member, start in starts.items():
+            i = self.index[member]
+            if start == MODEL_START:
+                weights = dict(self.module.named_parameters())
+            else:
+                if self.factory is None:
+                    raise ValueError(f"member {member} starts from seed {start}, but this population has no factory")
+                weights = dict(self.factory(int(start)).named_parameters())
+            for n, p in self.params.items():
+                p[i].copy_(weights[n].detach())
+            for slot in self.state.values():
+                slot[i].zero_()
+        if set(starts) >= set(self.ids):
+            self.steps_done = 0
 
     @torch.no_grad()
     def copy(self, donor: int, receiver: int) -> None:
@@ -407,7 +456,14 @@ def start_population(plan: PopulationPlan, members: Sequence[int], module: torch
     batches = import_callable(plan.loader)(**plan.loader_kwargs)
     loss = import_callable(plan.loss)
     hyper = {n: [values[m] for m in members] for n, values in plan.hyper.items()}
-    return Population(module, members, init, plan.optimizer, hyper, list(batches), loss, device)
+    population = Population(module, members, init, plan.optimizer, hyper, list(batches), loss, device)
+    population.factory = factory
+    return population
+
+
+#: A restarted member's start: the seed its weights are built under, or `MODEL_START` for the module's own.
+Start = Union[int, str]
+MODEL_START = "model"
 
 
 @dataclass
@@ -419,16 +475,23 @@ class Train:
     member i takes first (exploit), or None; `hyper[i]`: values member i's
     hyperparameters take next (explore), or None; `steps[i]`: the training
     steps then (the same for every member a worker holds: they train together).
+
+    `starts[i]` (when given): a start for member i before anything else — a new
+    trial in its slot, from the factory under that seed or the module's own
+    weights (`MODEL_START`) — or None. With `retire`, the members a worker holds
+    that the batch does not list have stopped: their rows leave its population.
     """
 
     members: List[int]
     donors: List[Optional[int]]
     hyper: List[Optional[Dict[str, float]]]
     steps: List[int]
+    starts: Optional[List[Optional[Start]]] = None
+    retire: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.members)
-        for name in ("donors", "hyper", "steps"):
+        for name in ("donors", "hyper", "steps") + (("starts",) if self.starts is not None else ()):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"Train.{name} has {len(getattr(self, name))} entries for {n} members")
 
@@ -441,6 +504,12 @@ def train_round(population: Population, evaluator: Any, ids: Sequence[int], sour
     order of `source.members`. The training time is shared out over the rows' `eval_seconds`.
     """
     members = list(source.members)
+    if len(set(members)) == len(members):
+        if source.retire:
+            population.retain(members)
+        starts = {m: start for m, start in zip(members, source.starts or ()) if start is not None}
+        if starts:
+            population.restart(starts)
     if len(set(members)) != len(members) or set(members) != set(population.ids):
         raise ValueError(f"a round trains every member a worker holds, each once: the batch names members "
                          f"{_ids(members)}, this worker holds {_ids(population.ids)}")

@@ -414,7 +414,9 @@ def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weig
 
 def land(table: pa.Table, sinks: List[Any], tally: Tally, study: Any, reporter: "Progress",
          on_batch: Optional[Callable[[int, int], None]]) -> None:
-    """Rows that came back: to every sink, the tally, the study and the progress line."""
+    """Rows that came back: settled by the study, then to every sink, the tally, the study and the progress
+    line."""
+    table = study.settle(table)
     for sink in sinks:
         sink.write(table)
     tally.update(table)

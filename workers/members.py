@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
@@ -45,23 +46,39 @@ class Members:
     def map_unordered(self, batches: Iterable[Union[CandidateBatch, Wait]],
                       on_failure: Optional[Callable[[CandidateBatch, str], Any]] = None
                       ) -> Iterator[Tuple[CandidateBatch, Any]]:
-        """Yield `(part, table)` for each worker's part of each round, in member order.
+        """Yield `(batch, table)` for each round: the rows of every worker's part, in member order, as one
+        table (the study settles a round from all of its rows: a rung ranks every member that reached it).
 
-        A `Wait` among the batches holds back the next round until every part
-        before it has been yielded (the study decides the next round from those
+        A `Wait` among the batches holds back the next round until the rounds
+        before it have been yielded (the study decides the next round from those
         rows). `on_failure` is not called: a round that fails stops the sweep,
         since the members' weights are only on their workers.
         """
         pending: Dict[Any, Tuple[CandidateBatch, int]] = {}
         round_ = 0
+        sent: List[CandidateBatch] = []
         for batch in batches:
             if isinstance(batch, Wait):
-                yield from self._drain(pending)
+                yield from self._rounds(sent, pending)
                 round_ += 1
                 continue
+            sent.append(batch)
             for ref, part in self._submit(batch):
                 pending[ref] = (part, round_)
-        yield from self._drain(pending)
+        yield from self._rounds(sent, pending)
+
+    def _rounds(self, sent: List[CandidateBatch], pending: Dict[Any, Tuple[CandidateBatch, int]]
+                ) -> Iterator[Tuple[CandidateBatch, Any]]:
+        """The batches sent since the last `Wait`, each with its parts' rows as one table. Parts come back in
+        the order they were sent, so a batch's parts follow one another."""
+        tables: List[Any] = []
+        position = 0
+        for part, table in self._drain(pending):
+            tables.append(table)
+            position += len(part)
+            if position == len(sent[0]):
+                yield sent.pop(0), tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+                tables, position = [], 0
 
     def _submit(self, batch: CandidateBatch) -> List[Tuple[Any, CandidateBatch]]:
         """Send each worker its part of `batch`, after the exports its members need from other workers."""

@@ -89,6 +89,9 @@ SUMMARY_PREFIX = "summary."
 #: The lineage columns that give each member its own child run: one per `member`, one step per `generation`.
 CHILD_KEY = "member"
 CHILD_STEP = "generation"
+#: Where member slots take new trials in waves: one child run per `trial`, one step per training `step`.
+TRIAL_KEY = "trial"
+TRIAL_STEP = "step"
 
 #: MLflow's rules for metric names and param keys (mlflow/utils/validation.py): at most
 #: MAX_ENTITY_KEY_LENGTH characters, only the characters of `validate_param_and_metric_name`
@@ -213,15 +216,24 @@ def columns_logged(schema: pa.Schema) -> List[str]:
     `member` and `generation`, its numeric recipe columns and other lineage columns; otherwise none."""
     if not _has_members(schema):
         return []
-    return [f.name for f in schema if f.name not in (CHILD_KEY, CHILD_STEP) and role_of(f) in (RECIPE, LINEAGE)
+    key, step = _child_columns(schema)
+    return [f.name for f in schema if f.name not in (key, step) and role_of(f) in (RECIPE, LINEAGE)
             and _numeric(f.type)]
 
 
 def children_of(schema: pa.Schema) -> Optional[Children]:
-    """One child run per member, one step per generation, when the schema's lineage has both; else None."""
+    """One child run per member, one step per generation, when the schema's lineage has both; else None.
+    Where members' slots take new trials in waves (a `trial` lineage column), one child run per trial, one
+    step per training step."""
     if not _has_members(schema):
         return None
-    return Children(key=CHILD_KEY, step=CHILD_STEP, values=columns_logged(schema))
+    key, step = _child_columns(schema)
+    return Children(key=key, step=step, name=f"{key}-{{:03d}}", values=columns_logged(schema))
+
+
+def _child_columns(schema: pa.Schema) -> Tuple[str, str]:
+    lineage = {f.name for f in schema if role_of(f) == LINEAGE}
+    return (TRIAL_KEY, TRIAL_STEP) if {TRIAL_KEY, TRIAL_STEP} <= lineage else (CHILD_KEY, CHILD_STEP)
 
 
 def _has_members(schema: pa.Schema) -> bool:

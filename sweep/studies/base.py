@@ -187,12 +187,14 @@ class StudyContext:
     `module()` builds the sweep's module with its weights (the centre of a
     landscape whose config names none); `artifacts` is the run folder, where
     a study writes what it makes (aligned checkpoints), or None when nothing
-    is to be written (`sweep validate`).
+    is to be written (`sweep validate`); `name` is the sweep's name (the
+    default name of what a study keeps elsewhere: an Optuna study).
     """
 
     module: Callable[[], torch.nn.Module]
     artifacts: Optional[Path] = None
     seed: int = 0
+    name: str = "sweep"
 
     @classmethod
     def from_config(cls, config: Any, artifacts: Optional[Path] = None) -> "StudyContext":
@@ -205,7 +207,7 @@ class StudyContext:
                                                seed=config.model.seed)
             return cache["module"]
 
-        return cls(module=module, artifacts=artifacts)
+        return cls(module=module, artifacts=artifacts, name=config.name)
 
 
 class StudyBase:
@@ -243,6 +245,12 @@ class StudyBase:
         self.objective = objective
         self.mode = mode
         self.metric_names = tuple(metric_names)
+
+    def settle(self, table: pa.Table) -> pa.Table:
+        """The rows of a round as they are written: a study that decides something from a round's own rows (a
+        rung's ranking) adds it to them here, before any sink sees them. A population study's rows come
+        here a whole round at a time; other studies' a batch at a time."""
+        return table
 
     def observe(self, table: pa.Table) -> None:
         """Rows as they land (and, on resume, the rows already in the results)."""
@@ -298,6 +306,8 @@ class Study(Protocol):
         ...
 
     def bind(self, objective: Optional[str], mode: str, metric_names: Sequence[str] = ()) -> None: ...
+
+    def settle(self, table: pa.Table) -> pa.Table: ...
 
     def observe(self, table: pa.Table) -> None: ...
 

@@ -22,8 +22,10 @@ from typing import Any, Dict, List, Literal, Optional
 import numpy as np
 from pydantic import Field
 
+from ..errors import ConfigError
 from ..population import exploit_pairs
 from ..settings import Float
+from ._pb2 import PB2Explore
 from ._population_figures import PopulationFigures
 from ._training import Training, TrainingConfig, example_section, searched
 from .base import StudyContext
@@ -37,6 +39,8 @@ class Config(TrainingConfig):
     perturbation_factors: List[Float] = Field(default_factory=lambda: [1.2, 0.8], min_length=1)
     resample_probability: Float = Field(0.25, ge=0, le=1)
     clip: bool = Field(False, description="keep explored values within [low, high] (Ray Tune does not)")
+    explore: Literal["perturb", "pb2"] = Field(
+        "perturb", description="perturb the donor's values (PBT), or choose them by a GP-UCB bandit (PB2)")
 
 
 class PBT(Training):
@@ -49,12 +53,40 @@ class PBT(Training):
         dims = searched(config)
         initial = [{n: d.sample(self.rng) for n, d in dims.items()} for _ in range(config.population)]
         super().__init__(config, context, config.population, initial)
+        self.pb2: Optional[PB2Explore] = None
+        if config.explore == "pb2":
+            try:
+                self.pb2 = PB2Explore(dims, "max", self.rng)  # the mode is bound later: see `bind`
+            except ValueError as e:
+                raise ConfigError(f"study.hyperparameters.{e}") from None
+        self._starts: Dict[int, float] = {}  # member → the objective it started this generation at
+        self._generation = 0
+
+    def bind(self, objective: Optional[str], mode: str, metric_names=()) -> None:
+        super().bind(objective, mode, metric_names)
+        if self.pb2 is not None:
+            self.pb2.sign = 1.0 if mode == "max" else -1.0
 
     def next_generation(self, scores: Dict[int, float], hyper: Dict[int, Dict[str, float]]) -> List[tuple]:
-        """(receiver, donor, explored values) for each member of the bottom quantile, drawn from `self.rng`."""
+        """(receiver, donor, explored values) for each member of the bottom quantile, drawn from `self.rng`;
+        with PB2 the values come from its bandit, fed this generation's improvements first."""
         c = self.config
+        self._generation += 1
+        pairs = exploit_pairs(scores, c.quantile, self.mode, self.rng)
+        if self.pb2 is not None:
+            if self._starts:
+                self.pb2.observe(self._generation, self._starts, scores, hyper)
+            receivers = {r for r, _ in pairs}
+            running = [hyper[m] for m in scores if m not in receivers]
+            proposed = self.pb2.propose(self._generation + 1, [scores[d] for _, d in pairs], running)
+            self._starts = dict(scores)
+            out = []
+            for (receiver, donor), values in zip(pairs, proposed):
+                self._starts[receiver] = scores[donor]
+                out.append((receiver, donor, values))
+            return out
         out = []
-        for receiver, donor in exploit_pairs(scores, c.quantile, self.mode, self.rng):
+        for receiver, donor in pairs:
             values = {n: d.explore(hyper[donor][n], self.rng, c.perturbation_factors, c.resample_probability,
                                    clip=c.clip) for n, d in self.dimensions.items()}
             out.append((receiver, donor, values))
