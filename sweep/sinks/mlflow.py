@@ -541,6 +541,8 @@ class MlflowSink:
                     self._note(f"no column {name!r} in the results; it is not logged to the child runs")
                 continue
             kind = table.schema.field(name).type
+            if pa.types.is_null(kind):  # no value in these rows (a rung column between rungs): nothing to log
+                continue
             if not _numeric(kind):
                 self._note(f"column {name!r} is {kind}, not a number; it is not logged to the child runs")
                 continue

@@ -114,13 +114,14 @@ class Rungs:
         n = len(ranked)
         keep = max(1, n // self.eta)
         out = []
+        going = "only the best goes on" if keep == 1 else f"the best {keep} go on"
         for place, member in enumerate(ranked):
             if place < keep:
                 out.append(Decision(member, rung, True))
             else:
                 out.append(Decision(member, rung, False, (
                     f"rung {rung} ({self.steps[rung]} steps): {_ordinal(place + 1)} of {n} in bracket {bracket}; "
-                    f"the best {keep} go on")))
+                    f"{going}")))
         return out
 
     def rows(self, interval: int, steps: int) -> int:

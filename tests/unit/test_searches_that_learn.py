@@ -119,7 +119,9 @@ def test_rungs_lie_at_min_steps_times_eta_to_the_k_and_keep_the_best_fraction():
     assert decided[9].reason == "rung 1 (60 steps): 10th of 10 in bracket 0; the best 3 go on"
     low = {d.member for d in rungs.decide(0, 1, scores, "min") if d.goes_on}
     assert low == {0, 1, 2}, "NaN ranks last whatever the mode"
-    assert [d.goes_on for d in rungs.decide(0, 0, {4: 1.0, 5: 0.5}, "max")] == [True, False], "at least one"
+    pair = rungs.decide(0, 0, {4: 1.0, 5: 0.5}, "max")
+    assert [d.goes_on for d in pair] == [True, False], "at least one"
+    assert pair[1].reason == "rung 0 (20 steps): 2nd of 2 in bracket 0; only the best goes on"
     # 27 → 9 → 3 → 1 over 50 evaluations: the rows one wave gives, counted by hand.
     assert rungs.rows(10, 500) == 27 * 2 + 9 * 4 + 3 * 12 + 1 * 32
 
