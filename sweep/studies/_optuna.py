@@ -63,6 +63,31 @@ def make_sampler(name: str, kwargs: Dict[str, Any], seed: int) -> Any:
                           f"failed: {type(e).__name__}: {e}") from None
 
 
+def check_sampler(name: str, kwargs: Dict[str, Any], seed: int, dims: Dict[str, Dimension]) -> None:
+    """A ConfigError, before any work, when the sampler cannot propose this space: a name Optuna does not
+    have, arguments it refuses, a package it needs that is not installed (CmaEsSampler's `cmaes`), a space
+    it cannot search (BruteForceSampler over a continuous range). A trial is asked of a copy of it on a
+    study in memory and told it failed."""
+    optuna = optuna_module()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = make_sampler(name, kwargs, seed)
+    trial_study = optuna.create_study(sampler=sampler)
+    proposals = Proposals.__new__(Proposals)
+    proposals.optuna, proposals.dims, proposals.study, proposals.trials = optuna, dims, trial_study, {}
+    try:
+        # Two trials, the first told complete: a sampler that models the space (CMA-ES) starts on the second.
+        (number, _), = proposals.ask(1)
+        trial_study.tell(proposals.trials.pop(number), 0.0)
+        proposals.ask(1)
+    except Exception as e:  # noqa: BLE001 - the sampler's own words name what it lacks
+        hint = f" (pip install {e.name})" if isinstance(e, ImportError) and getattr(e, "name", None) else ""
+        raise ConfigError(f"study.sampler: {name} cannot propose this search's space: "
+                          f"{type(e).__name__}: {e}{hint}") from None
+    finally:
+        for number in list(proposals.trials):
+            trial_study.tell(proposals.trials.pop(number), state=optuna.trial.TrialState.FAIL)
+
+
 class Proposals:
     """An Optuna study, asked for trials by waves and told how they went."""
 

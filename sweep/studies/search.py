@@ -97,10 +97,10 @@ class Search(Training):
                 rng = np.random.default_rng(config.seed)
                 self.draws = [{n: d.sample(rng) for n, d in dims.items()} for _ in range(trials)]
             else:
-                from ._optuna import make_sampler
+                from ._optuna import check_sampler
 
                 sampler = config.sampler or SamplerConfig()
-                make_sampler(sampler.name, dict(sampler.kwargs), config.seed)  # a bad name fails before any work
+                check_sampler(sampler.name, dict(sampler.kwargs), config.seed, dims)  # fails before any work
             population = min(population, trials)
         # Until a sampler proposes them, the members' values are the space's lowest (every round sets its own).
         placeholder = {n: float(d.values[0]) if d.distribution == "choice" else float(d.low) for n, d in dims.items()}

@@ -231,6 +231,17 @@ def test_waves_of_random_trials_restart_every_slot_from_its_trial_s_seed():
     assert len(set(ids)) == len(ids) == len(study) == 20
 
 
+@pytest.mark.parametrize("name", ["RandomSampler", "GPSampler", "QMCSampler", "NSGAIISampler"])
+def test_any_optuna_sampler_by_name_proposes_the_waves(name):
+    optuna = pytest.importorskip("optuna")
+    study = search(**{"study.method": "optuna", "study.population": 3, "study.trials": 6, "study.steps": 100,
+                      "study.interval": 50, "study.sampler": {"name": name}})
+    rows = drive(study, peak)
+    assert type(study.proposals.study.sampler) is getattr(optuna.samplers, name)
+    assert sorted({r["trial"] for r in rows}) == list(range(6)) and len(rows) == 12
+    assert [t.state.name for t in study.proposals.study.trials] == ["COMPLETE"] * 6
+
+
 def test_optuna_tpe_is_asked_by_waves_told_each_end_and_reported_every_value(tmp_path):
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -265,6 +276,10 @@ def test_optuna_s_absence_and_an_unknown_sampler_are_config_errors_naming_the_fi
     pytest.importorskip("optuna")
     with pytest.raises(ConfigError, match="study.sampler.name: no Optuna sampler 'TPE'; .* TPESampler"):
         search(**{"study.method": "optuna", "study.sampler": {"name": "TPE"}})
+    with pytest.raises(ConfigError, match="study.sampler: BruteForceSampler cannot propose this search's space"):
+        search(**{"study.method": "optuna", "study.sampler": {"name": "BruteForceSampler"}})
+    with pytest.raises(ConfigError, match=r"study.sampler: GridSampler\(seed=0\) failed: .*search_space"):
+        search(**{"study.method": "optuna", "study.sampler": {"name": "GridSampler"}})
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(ConfigError, match=r"optuna needs the optuna extra.*pip install 'sweep\[optuna\]'"):
         search(**{"study.method": "optuna"})
