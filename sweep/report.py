@@ -268,6 +268,22 @@ def _last_generation(run: RunView) -> Optional[int]:
     return int(generation[keep].max()) if keep.any() else None
 
 
+def _trial_ends(run: RunView) -> Optional[np.ndarray]:
+    """Where trials end at different generations (a search with waves or halving: lineage `trial` or
+    `stopped`), a mask of each trial's last row (its largest `step`; key `trial`, else `member`); else None."""
+    if "trial" not in run.lineage and "stopped" not in run.lineage:
+        return None
+    key = run.floats("trial" if "trial" in run.lineage else "member")
+    step = run.floats("step") if "step" in run.lineage else column_floats(run.table, "candidate_id")
+    last: Dict[float, int] = {}
+    for i, (k, s) in enumerate(zip(key.tolist(), step.tolist())):
+        if k == k and (k not in last or s > step[last[k]]):
+            last[k] = i
+    mask = np.zeros(len(key), dtype=bool)
+    mask[list(last.values())] = True
+    return mask
+
+
 # --------------------------------------------------------------------------- the study's figures and sections
 
 
@@ -362,17 +378,24 @@ def _page(run: RunView, figures: List[Figure], sections: Sequence[str], summary:
                          f'alt="{e(figure.caption)}">\n<figcaption>{e(figure.path.name)}: '
                          f"{e(figure.caption)}</figcaption></figure>\n")
     if run.objective is not None:
-        ranked, last = run.table, _last_generation(run)
-        if last is not None:
+        ranked, last, ends = run.table, _last_generation(run), _trial_ends(run)
+        if ends is not None:
+            ranked = run.table.filter(pa.array(ends))
+        elif last is not None:
             ranked = run.table.filter(pa.array(column_floats(run.table, GENERATION) == last))
         best = best_rows(ranked, run.objective, run.mode, top)
         columns = ["candidate_id"] + _described_by(run, best) + run.metrics
         rows = [[row.get(c) for c in columns] for row in best.select(columns).to_pylist()]
-        of = "" if last is None else f" of the last generation ({last})"
-        parts.append(f"<h2>Best {len(rows)} rows{of} by {e(run.objective)} ({e(better(run.mode))})</h2>\n")
-        if last is not None:
-            parts.append(f"<p>Only the rows of the last generation ({last}) are ranked: the rows of earlier "
-                         f"generations are the same members part-trained.</p>\n")
+        if ends is not None:
+            parts.append(f"<h2>Best {len(rows)} trials by {e(run.objective)} at their last evaluation "
+                         f"({e(better(run.mode))})</h2>\n<p>Each trial's last row is ranked: where it ended, at the "
+                         f"full budget or at the rung where it stopped (its <code>step</code> says which).</p>\n")
+        else:
+            of = "" if last is None else f" of the last generation ({last})"
+            parts.append(f"<h2>Best {len(rows)} rows{of} by {e(run.objective)} ({e(better(run.mode))})</h2>\n")
+            if last is not None:
+                parts.append(f"<p>Only the rows of the last generation ({last}) are ranked: the rows of earlier "
+                             f"generations are the same members part-trained.</p>\n")
         parts.append(html_table(columns, rows, "best") + "\n")
     parts.append(_problems(run))
     parts.append(f"<p><small>Figures draw the ok rows with finite values only. The objective's direction comes "

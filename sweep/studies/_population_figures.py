@@ -9,6 +9,14 @@ weights (`exploits`: pbt's exploit), the lineage tree with the best member's
 hyperparameter schedule (`lineage.png`); the page gets the best member of the
 last generation with its schedule from `sweep.analysis.lineage`.
 
+A search is ranked by trial instead (`Trials`): a trial is one configuration
+trained from its start, named by the `trial` column where the rows have one
+(a search in waves reuses each member slot for a new trial per wave, so a
+slot's rows are several trials, never joined into one line) and by the member
+otherwise. A trial stopped early (successive halving) has no rows after its
+stop; the best trial is the best at its last row among those that ran the
+full budget.
+
 Not a study: shared by the study modules that train a population.
 """
 
@@ -20,6 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..analysis import lineage
 from ..plotting import (MAX_FIGURE_WIDTH, MIN_FONT_SIZE, Figure, RunView, Scale, best_index, better, cmap,
@@ -70,11 +80,184 @@ class PopulationFigures:
         return draw_each(run, folder, notes, drawers)
 
     def page(self, run: RunView) -> List[str]:
-        """The section on the best member of the last generation: its value, its schedule, and (with
-        exploits) how often members copied."""
+        """The section on the best member of the last generation (a search's best trial): its value, its
+        schedule, and (with exploits) how often members copied."""
         if run.objective is None:
             return []
         return [_best_member(run, self.exploits)]
+
+
+# --------------------------------------------------------------------------- the rows by trial
+
+#: Lineage columns of a search's rows: the trial a row belongs to and its wave (a search in waves, or
+#: Optuna's), the HyperBand bracket, the rung its row decided (null elsewhere) and why a trial stopped there.
+TRIAL, WAVE, BRACKET, RUNG, STOPPED = "trial", "wave", "bracket", "rung", "stopped"
+
+
+@dataclass
+class Trials:
+    """A search's rows by trial, trials in order of their number (`key`).
+
+    A trial is named by the `trial` column where the rows have one (`numbered`), else by its member. Each
+    trial's `rows` are its row indices in the run's table by generation (an ok row wins where a generation
+    has several); `last` its last row, where it ended: at the full budget, at a rung that stopped it, or at a
+    row that failed. `value` is the objective there (NaN unless ok and finite), `step` its training steps
+    there; `full` a trial's full budget in steps (the study's `steps`, else the most any row has).
+    """
+
+    key: np.ndarray  # int64
+    rows: List[np.ndarray]
+    last: np.ndarray  # int64 row indices
+    value: np.ndarray
+    step: np.ndarray
+    member: np.ndarray  # int64
+    wave: np.ndarray  # float64: NaN without a wave column
+    bracket: np.ndarray  # float64: NaN without a bracket column
+    stopped: np.ndarray  # bool: a row of the trial says it stopped (successive halving)
+    full: float
+    numbered: bool
+    best: Optional[int]  # index of the best trial (see `trials`)
+    best_among: str  # e.g. "the best of the 4 trials that ran the full 1000 steps with a finite value"
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    @property
+    def completed(self) -> np.ndarray:
+        """Trials that ran the full budget (not stopped at a rung, however their last row came out)."""
+        return ~self.stopped & (self.step >= self.full)
+
+    @property
+    def failed(self) -> np.ndarray:
+        """Trials whose last row has no value (not ok, or not finite)."""
+        return ~np.isfinite(self.value)
+
+    @property
+    def waves(self) -> int:
+        finite = self.wave[np.isfinite(self.wave)]
+        return len(np.unique(finite)) if len(finite) else 1
+
+    @property
+    def uniform(self) -> bool:
+        """Every trial is a member that ran the full budget: the rows of a plain search, one trial per member."""
+        return not self.numbered and bool(self.completed.all())
+
+    def name(self, i: int) -> str:
+        """'trial 37' (or 'member 3' for rows without a trial column)."""
+        return f"{'trial' if self.numbered else 'member'} {int(self.key[i])}"
+
+    def where(self, i: int) -> str:
+        """Where trial i ran, for a sentence: 'member 5, wave 2' ('' for a member)."""
+        if not self.numbered:
+            return ""
+        parts = [f"member {int(self.member[i])}"]
+        if np.isfinite(self.wave[i]) and self.waves > 1:
+            parts.append(f"wave {int(self.wave[i])}")
+        if np.isfinite(self.bracket[i]) and len(np.unique(self.bracket[np.isfinite(self.bracket)])) > 1:
+            parts.append(f"bracket {int(self.bracket[i])}")
+        return ", ".join(parts)
+
+    def of_row(self, rows: int) -> np.ndarray:
+        """The index of the trial of each of the table's `rows` rows (-1 for a row of no trial)."""
+        out = np.full(rows, -1, dtype=np.int64)
+        for i, own in enumerate(self.rows):
+            out[own] = i
+        return out
+
+
+def trials(run: RunView) -> Optional[Trials]:
+    """The run's rows by trial (computed once per run); None, with a page warning, when they cannot be laid
+    out so."""
+    return run.once("trials", _trials_or_warning)
+
+
+def _trials_or_warning(run: RunView) -> Optional[Trials]:
+    if run.objective is None:
+        return None
+    try:
+        return _trials(run)
+    except Exception as e:  # the page still shows the counts, the table and the errors
+        run.warnings.append(f"could not follow the trials: {type(e).__name__}: {e}")
+        return None
+
+
+def stopped_rows(table: pa.Table) -> np.ndarray:
+    """Which rows say a trial stopped there (a non-empty `stopped`)."""
+    if STOPPED not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    column = table.column(STOPPED)
+    said = pc.is_valid(column)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        said = pc.and_(said, pc.greater(pc.utf8_length(column), 0))
+    return np.asarray(pc.fill_null(said, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _trials(run: RunView) -> Optional[Trials]:
+    table = run.table
+    missing = [c for c in ("member", "generation") if c not in table.column_names]
+    if missing:
+        run.warnings.append(f"the results have no {', '.join(missing)} column: not the rows of a {run.kind} "
+                            f"study; no trials")
+        return None
+    numbered = TRIAL in table.column_names
+    member, generation = column_floats(table, "member"), column_floats(table, "generation")
+    key = column_floats(table, TRIAL) if numbered else member
+    valid = np.isfinite(key) & np.isfinite(member) & np.isfinite(generation)
+    if not valid.any():
+        run.warnings.append("no row names its trial and generation: no trials")
+        return None
+    index = np.flatnonzero(valid)
+    ok = status_mask(table, OK)
+    # by trial, then generation, an ok row first; one row per (trial, generation)
+    order = np.lexsort((~ok[index], generation[index], key[index]))
+    index = index[order]
+    k, g = key[index], generation[index]
+    first = np.ones(len(index), dtype=bool)
+    first[1:] = (k[1:] != k[:-1]) | (g[1:] != g[:-1])
+    index, k = index[first], k[first]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    rows = np.split(index, starts[1:])
+    last = np.array([r[-1] for r in rows], dtype=np.int64)
+    objective = column_floats(table, run.objective)
+    value = np.where(ok[last], objective[last], np.nan)
+    value[~np.isfinite(value)] = np.nan
+    steps = column_floats(table, "step")
+    step = steps[last]
+    stops = stopped_rows(table)
+    stopped = np.array([bool(stops[r].any()) for r in rows], dtype=bool)
+    full = getattr(run.study, "steps", None)
+    if not isinstance(full, (int, float)) or isinstance(full, bool) or not full > 0:
+        finite = steps[np.isfinite(steps)]
+        full = float(finite.max()) if len(finite) else math.inf
+    result = Trials(key=k[starts].astype(np.int64), rows=rows, last=last, value=value, step=step,
+                    member=member[last].astype(np.int64), wave=column_floats(table, WAVE)[last],
+                    bracket=column_floats(table, BRACKET)[last], stopped=stopped, full=float(full),
+                    numbered=numbered, best=None, best_among="")
+    # The best: among the trials that ran the full budget; a trial stopped at a rung was judged on fewer steps.
+    completed = result.completed & np.isfinite(value)
+    what = "trial" if numbered else "member"
+    if completed.any():
+        pool = completed
+        early = bool(stopped.any() or not result.completed.all())  # some trials ended before the full budget
+        result.best_among = _those(int(pool.sum()), what, f"that ran the full {fmt(full)} steps" if early else "")
+    else:
+        pool = np.isfinite(value)
+        if pool.any():
+            run.warnings.append(f"no {what} that ran the full {fmt(full)} steps has a finite {run.objective} at "
+                                f"its end: the best is among those that ended earlier")
+        result.best_among = _those(int(pool.sum()), what, "", "at their last row")
+    result.best = best_index(np.where(pool, value, np.nan), run.mode)
+    return result
+
+
+def _those(count: int, noun: str, which: str, where: str = "") -> str:
+    """'the best of the 4 trials that ran the full 1000 steps with a finite value', or 'the only trial with a
+    finite value'."""
+    which = f" {which}" if which else ""
+    where = f" {where}" if where else ""
+    if count == 1:
+        return f"the only {noun}{which} with a finite value{where}"
+    return f"the best of the {count} {noun}s{which} with a finite value{where}"
 
 
 # --------------------------------------------------------------------------- the rows by member and generation
@@ -86,17 +269,21 @@ class Population:
 
     `row[g, m]` is the index in the run's table of member m's row at generation g (-1 where none; where a
     pair has several rows an ok one wins); `value` its objective (NaN unless ok and finite), `step` its
-    training steps and `parent` its parent (-1 where none).
+    training steps, `parent` its parent (-1 where none) and `trial` its trial (NaN where the rows have no
+    trial column). `last` and `best` locate the best row: the best member of the last generation, or for a
+    search (`trials`) the last row of its best trial; `chain` is its lineage, for a search the trial's rows.
     """
 
     row: np.ndarray
     value: np.ndarray
     step: np.ndarray
     parent: np.ndarray
-    last: Optional[int]  # the last generation with a finite objective
-    best: Optional[int]  # the best member of that generation
+    trial: np.ndarray
+    last: Optional[int]  # the generation of the best row (pbt: the last generation with a finite objective)
+    best: Optional[int]  # the member of the best row
     chain: List[Dict[str, Any]]  # lineage(best, last): generation 0 first; empty when broken
     exploits: int  # rows (distinct member and generation) with parent ≠ member
+    trials: Optional[Trials] = None  # a search's rows by trial
 
     @property
     def generations(self) -> int:
@@ -110,33 +297,45 @@ class Population:
     def present(self) -> np.ndarray:
         return self.row >= 0
 
+    @property
+    def by_trial(self) -> bool:
+        """A search whose trials are not simply its members at the full budget (waves, halving, Optuna)."""
+        return self.trials is not None and not self.trials.uniform
+
     def best_value(self) -> float:
         return float(self.value[self.last, self.best]) if self.best is not None else math.nan
+
+    def best_name(self) -> str:
+        """'member 3', or for a search by trial 'trial 37'."""
+        if self.by_trial and self.trials is not None and self.trials.best is not None:
+            return self.trials.name(self.trials.best)
+        return f"member {self.best}"
 
     def switches(self) -> List[int]:
         """Positions k ≥ 1 of the chain where the row continued from another member (an exploit)."""
         return [k for k in range(1, len(self.chain)) if self.chain[k]["member"] != self.chain[k - 1]["member"]]
 
 
-def population(run: RunView) -> Optional[Population]:
+def population(run: RunView, exploits: bool = True) -> Optional[Population]:
     """The run's rows by generation and member (computed once per run); None, with a page warning, when
-    they cannot be laid out so."""
-    return run.once("population", _population_or_warning)
+    they cannot be laid out so. Without `exploits` (a search) the best row is the best trial's last."""
+    return run.once(f"population:{exploits}", lambda r: _population_or_warning(r, exploits))
 
 
-def _population_or_warning(run: RunView) -> Optional[Population]:
+def _population_or_warning(run: RunView, exploits: bool) -> Optional[Population]:
     if run.objective is None:
         return None
     try:
-        return _population(run)
+        return _population(run, exploits)
     except Exception as e:  # the page still shows the counts, the table and the errors
         run.warnings.append(f"could not follow the population by member and generation: {type(e).__name__}: {e}")
         return None
 
 
-def _population(run: RunView) -> Optional[Population]:
+def _population(run: RunView, exploits: bool) -> Optional[Population]:
     """The rows of a population study by generation and member, the best member of the last generation
-    and its lineage; None (and a warning) when the table lacks the lineage columns."""
+    (a search: the best trial) and its lineage; None (and a warning) when the table lacks the lineage
+    columns."""
     warnings = run.warnings
     missing = [c for c in ("member", "generation", "parent") if c not in run.table.column_names]
     if missing:
@@ -165,28 +364,61 @@ def _population(run: RunView) -> Optional[Population]:
     value = np.where(present & status_mask(table, OK)[at], column_floats(table, run.objective)[at], np.nan)
     value[~np.isfinite(value)] = np.nan
     step = np.where(present, column_floats(table, "step")[at], np.nan)
+    trial = np.where(present, column_floats(table, TRIAL)[at], np.nan)
     parents = column_floats(table, "parent")[at]
     parent = np.where(present & np.isfinite(parents), np.nan_to_num(parents, nan=-1), -1).astype(np.int64)
     members = np.arange(row.shape[1])
-    exploits = int((present & (parent >= 0) & (parent != members[None, :])).sum())
+    exploits_count = int((present & (parent >= 0) & (parent != members[None, :])).sum())
+    pop = Population(row=row, value=value, step=step, parent=parent, trial=trial, last=None, best=None, chain=[],
+                     exploits=exploits_count)
+    if not exploits:
+        return _best_trial(run, pop)
     finite_generations = np.flatnonzero(np.isfinite(value).any(axis=1))
     last = int(finite_generations[-1]) if len(finite_generations) else None
     best = best_index(value[last], run.mode) if last is not None else None
+    pop.last, pop.best = last, best
     if last is not None and last < row.shape[0] - 1:
         warnings.append(f"the last generation ({row.shape[0] - 1}) has no ok row with a finite {run.objective}: "
                         f"the best member and the last-generation figures are from generation {last}")
-    chain: List[Dict[str, Any]] = []
     if best is not None:
         try:
-            chain = lineage(table, best, last)
+            pop.chain = lineage(table, best, last)
         except ValueError as e:
             warnings.append(f"the lineage of the best member ({best}) cannot be followed: {e}")
-        found = (run.record.get("findings") or {}).get("best_member") if isinstance(run.record, dict) else None
-        if isinstance(found, int) and not isinstance(found, bool) and found != best:
-            warnings.append(f"run.json's findings name member {found} as the best, but the results rank member "
-                            f"{best} first in generation {last} by {run.objective} ({better(run.mode)})")
-    return Population(row=row, value=value, step=step, parent=parent, last=last, best=best, chain=chain,
-                      exploits=exploits)
+        _check_findings(run, "best_member", best, f"the results rank member {best} first in generation {last} "
+                                                  f"by {run.objective} ({better(run.mode)})")
+    return pop
+
+
+def _best_trial(run: RunView, pop: Population) -> Population:
+    """A search's population with its best row: the last row of the best trial, whose rows are its chain."""
+    found = trials(run)
+    pop.trials = found
+    if found is None or found.best is None:
+        return pop
+    i = found.best
+    last_row = int(found.last[i])
+    pop.last = int(column_floats(run.table, "generation")[last_row])
+    pop.best = int(found.member[i])
+    pop.chain = run.table.take(pa.array(found.rows[i], pa.int64())).to_pylist()
+    if found.numbered:
+        _check_findings(run, "best_trial", int(found.key[i]), f"the results rank trial {int(found.key[i])} first "
+                                                              f"({found.best_among}) by {run.objective} "
+                                                              f"({better(run.mode)})", noun="trial")
+    else:  # a search without waves names its trials by member (trial m is member m)
+        for name in ("best_member", "best_trial"):
+            _check_findings(run, name, pop.best, f"the results rank member {pop.best} first ({found.best_among}) "
+                                                 f"by {run.objective} ({better(run.mode)})")
+    return pop
+
+
+def _check_findings(run: RunView, name: str, best: int, ranked: str, noun: str = "member") -> None:
+    """A page warning when run.json's findings name another best `noun` (under `name`) than the results."""
+    found = (run.record.get("findings") or {}).get(name) if isinstance(run.record, dict) else None
+    if isinstance(found, float) and found.is_integer():
+        found = int(found)
+    if isinstance(found, int) and not isinstance(found, bool) and found != best:
+        run.warnings.append(f"run.json's findings name {noun} {found} as the best, but {ranked}")
 
 
 def searched(run: RunView) -> Tuple[List[str], List[str]]:
@@ -227,7 +459,8 @@ def _drawn_members(pop: Population) -> np.ndarray:
 
 def _edges(pop: Population, members: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(generation, member, parent, exploit) of every row at generation ≥ 1 of `members` whose parent has
-    a row at the generation before."""
+    a row at the generation before, of the same trial (a search in waves starts a new trial in the slot at
+    each wave: its first row continues nothing) and at fewer steps."""
     if pop.generations < 2 or not len(members):
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty, np.zeros(0, dtype=bool)
@@ -238,6 +471,10 @@ def _edges(pop: Population, members: np.ndarray) -> Tuple[np.ndarray, np.ndarray
     g, m, p = g[keep], m[keep], p[keep]
     keep = pop.present[g - 1, p]
     g, m, p = g[keep], m[keep], p[keep]
+    before, after = pop.trial[g - 1, p], pop.trial[g, m]
+    keep = ~(np.isfinite(before) & np.isfinite(after) & (before != after))
+    keep &= ~(pop.step[g - 1, p] >= pop.step[g, m])  # a slot that started again (NaN steps are drawn nowhere)
+    g, m, p = g[keep], m[keep], p[keep]
     return g, m, p, p != m
 
 
@@ -246,14 +483,20 @@ def _crowding(members: int) -> Tuple[float, float]:
     return float(np.clip(3.0 / math.sqrt(max(members, 1)), 0.08, 0.8)), (1.0 if members <= 50 else 0.6)
 
 
-def _nanmedian(grid: np.ndarray) -> np.ndarray:
-    """The median of each row of `grid` over its finite values (NaN for a row without one)."""
-    out = np.full(grid.shape[0], np.nan)
-    for i, line in enumerate(grid):
-        finite = line[np.isfinite(line)]
-        if len(finite):
-            out[i] = float(np.median(finite))
-    return out
+def _median_by_step(step: np.ndarray, value: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(steps, the median value at each): over every finite (step, value) pair, grouped by step. A
+    population's generation is one step for all its members; a search in waves has each step once per wave."""
+    step, value = step.ravel(), value.ravel()
+    keep = np.isfinite(step) & np.isfinite(value)
+    step, value = step[keep], value[keep]
+    if not len(step):
+        return np.zeros(0), np.zeros(0)
+    order = np.lexsort((value, step))
+    step, value = step[order], value[order]
+    starts = np.flatnonzero(np.r_[True, step[1:] != step[:-1]])
+    ends = np.r_[starts[1:], len(step)]
+    medians = np.array([float(np.median(value[a:b])) for a, b in zip(starts, ends)])
+    return step[starts], medians
 
 
 def _range_text(run: RunView, name: str) -> str:
@@ -277,15 +520,21 @@ def _training(run: RunView, folder: Path, notes: List[str], exploits: bool) -> L
     from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
 
-    pop = population(run)
+    pop = population(run, exploits)
     if pop is None or pop.best is None:
         return []
     drawn = _drawn_members(pop)
     best_value = pop.best_value()
-    notes.append(f"best member of the last generation (generation {pop.last}, step "
-                 f"{fmt(pop.step[pop.last, pop.best])}): member {pop.best}, {run.objective} = {fmt(best_value)} "
-                 f"({better(run.mode)}), of {int(np.isfinite(pop.value[pop.last]).sum())} members with a finite "
-                 f"value")
+    tr = pop.trials if pop.by_trial else None
+    if tr is not None and tr.best is not None:
+        where = tr.where(tr.best)
+        notes.append(f"best {tr.name(tr.best)}{f' ({where})' if where else ''}: {run.objective} = {fmt(best_value)} "
+                     f"after {fmt(tr.step[tr.best])} steps ({better(run.mode)}), {tr.best_among}")
+    else:
+        notes.append(f"best member of the last generation (generation {pop.last}, step "
+                     f"{fmt(pop.step[pop.last, pop.best])}): member {pop.best}, {run.objective} = {fmt(best_value)} "
+                     f"({better(run.mode)}), of {int(np.isfinite(pop.value[pop.last]).sum())} members with a finite "
+                     f"value")
     if exploits:
         notes.append(f"exploits: {pop.exploits} rows continued from another member's weights (parent ≠ member); "
                      f"the best member's lineage switched members {len(pop.switches())} times")
@@ -298,7 +547,8 @@ def _training(run: RunView, folder: Path, notes: List[str], exploits: bool) -> L
     segments = np.stack([np.column_stack([x0, y0]), np.column_stack([x1, y1])], axis=1)
     alpha, thin = _crowding(len(drawn))
     handles = []
-    own_label = "a member continuing its own weights" if exploits else "a member (one line each)"
+    own_label = ("a member continuing its own weights" if exploits else
+                 "a trial (one line each)" if tr is not None else "a member (one line each)")
     for on, colour, width, text in ((fine & ~exploit, CONTINUE_COLOUR, 0.9, own_label),
                                     (fine & exploit, EXPLOIT_COLOUR, 1.0,
                                      "exploit: from the donor's point to the member's")):
@@ -317,16 +567,17 @@ def _training(run: RunView, folder: Path, notes: List[str], exploits: bool) -> L
                                   label="the jump: from the member's own point to the donor's"))
     xs, ys = pop.step[:, drawn].ravel(), pop.value[:, drawn].ravel()
     ax.plot(xs, ys, ".", ms=2.5, color=CONTINUE_COLOUR, alpha=min(1.0, alpha + 0.2), zorder=1)
-    median_step, median = _nanmedian(pop.step), _nanmedian(pop.value)
-    on = np.isfinite(median_step) & np.isfinite(median)
-    handles += ax.plot(median_step[on], median[on], "--", color="0.3", lw=1.3, zorder=3,
-                       label="population median")
+    median_step, median = _median_by_step(pop.step, pop.value)
+    stops = tr is not None and bool(tr.stopped.any())
+    handles += ax.plot(median_step, median, "--", color="0.3", lw=1.3, zorder=3,
+                       label="median of the trials still training" if stops else
+                       "median over the trials at each step" if tr is not None else "population median")
     chain_steps = _chain_values(pop.chain, "step")
     chain_values = _chain_objective(run, pop.chain)
     named: List[Any] = []  # the exploits' labels
     if len(pop.chain):
         handles += ax.plot(chain_steps, chain_values, "-o", color=BEST_COLOUR, lw=2.4, ms=3.5, zorder=5,
-                           label=f"best member {pop.best}" + ("'s lineage" if exploits else "")
+                           label=f"best {pop.best_name()}" + ("'s lineage" if exploits else "")
                            + f" (final {fmt(best_value)})")
         switches = pop.switches()
         if switches:
@@ -350,31 +601,57 @@ def _training(run: RunView, folder: Path, notes: List[str], exploits: bool) -> L
     ax.set_xlabel("training step")
     ax.set_ylabel(run.metric_label(run.objective, scale))
     shown = "" if len(drawn) == pop.members else f"; {len(drawn)} of {pop.members} members drawn"
-    ax.set_title(f"{label(run.name)}: {label(run.objective)} of every member over training, {better(run.mode)} "
-                 f"({pop.members} members, {pop.generations} generations{shown})", fontsize=10)
+    if tr is not None:
+        size = (f"{len(tr)} trial{'s' if len(tr) != 1 else ''}"
+                + (f" in {tr.waves} waves of {pop.members}" if tr.waves > 1 else ""))
+    else:
+        size = f"{pop.members} members, {pop.generations} generations"
+    ax.set_title(f"{label(run.name)}: {label(run.objective)} of every {'trial' if tr is not None else 'member'} "
+                 f"over training, {better(run.mode)} ({size}{shown})", fontsize=10)
     ax.grid(alpha=0.3)
     fig.legend(handles=handles, fontsize=MIN_FONT_SIZE + 1, loc="outside lower center", ncol=2, frameon=False)
     place_labels(ax, named, hide=True)  # an exploit label that would cover another is left out
     path = folder / "training.png"
     save(fig, path)
+    zoom = (f" The {run.objective} axis is {scale.note}: the points beyond it are counted at its edge."
+            if scale.clipped else "")
+    shown_how = (f". An evenly spaced {len(drawn)} of the {pop.members} member{' slot' if tr is not None else ''}s "
+                 f"are drawn." if shown else ".")
+    if tr is not None:
+        waves = ("; each wave's trials start afresh in the members' slots, so a slot's trials are separate lines"
+                 if tr.waves > 1 else "")
+        ended = ("; a line that ends early is a trial stopped at a rung of successive halving (halving.png)"
+                 if stops else "")
+        caption = (f"{run.objective} of every trial ({configurations(run, len(tr), tr.waves, pop.members)}) at "
+                   f"each evaluation against its training steps. One light line per trial{waves}{ended}; the "
+                   f"dashed line is the median over the trials at each step"
+                   + (" (those still training)" if stops else "")
+                   + f" and the bold red line the best trial ({tr.name(tr.best)}, {tr.best_among})"
+                   + shown_how + zoom)
+        return [Figure(path, caption)]
     how = ("Each generation's segment runs from the parent's point at the previous evaluation to the member's "
            "point, so an exploit (orange) jumps from the donor's curve; " if exploits else
            "One light line per member; ")
-    zoom = (f" The {run.objective} axis is {scale.note}: the points beyond it are counted at its edge."
-            if scale.clipped else "")
-    method = getattr(run.study, "method", None)
-    drawn_how = {"random": f"{pop.members} configurations drawn at random",
-                 "grid": f"the {pop.members} combinations of the grid"}.get(str(method)) if not exploits else None
-    source = f" ({drawn_how}, trained side by side)" if drawn_how else ""
+    source = f" ({configurations(run, pop.members, 1, pop.members)})" if not exploits else ""
     caption = (f"{run.objective} of every member{source} at each evaluation against its training steps. {how}the "
                f"dashed line is the population's median and the bold red line "
                + (f"the lineage of the best member of the last generation (member {pop.best})" if exploits else
                   f"the best member of the last generation (member {pop.best})")
                + (", diamonds where it continued from another member (named m<from>→m<to> where the names "
                   "do not overlap)" if exploits else "")
-               + (f". An evenly spaced {len(drawn)} of the {pop.members} members are drawn." if shown else ".")
-               + zoom)
+               + shown_how + zoom)
     return [Figure(path, caption)]
+
+
+def configurations(run: RunView, count: int, waves: int, members: int) -> str:
+    """Where a search's configurations came from, for a caption: '64 configurations drawn at random in 4 waves
+    of 16, trained side by side'."""
+    method = str(getattr(run.study, "method", ""))
+    sampler = getattr(getattr(run.study, "sampler", None), "name", None) or "TPESampler"
+    source = {"random": f"{count} configurations drawn at random",
+              "grid": f"the {count} combinations of the grid",
+              "optuna": f"{count} configurations proposed by Optuna's {sampler}"}.get(method, f"{count} configurations")
+    return source + (f" in {waves} waves of {members}" if waves > 1 else "") + ", trained side by side"
 
 
 # --------------------------------------------------------------------------- lineage.png
@@ -383,7 +660,7 @@ def _training(run: RunView, folder: Path, notes: List[str], exploits: bool) -> L
 def _lineage_figure(run: RunView, folder: Path, notes: List[str]) -> List[Figure]:
     from matplotlib.figure import Figure as Canvas
 
-    pop = population(run)
+    pop = population(run, True)
     if pop is None or pop.best is None:
         return []
     hyper, log_hyper = searched(run)
@@ -504,18 +781,25 @@ def _schedule(run: RunView, pop: Population, axes: List[Any]) -> None:
 
 
 def _hyperparameters(run: RunView, folder: Path, notes: List[str], exploits: bool) -> List[Figure]:
-    pop = population(run)
+    pop = population(run, exploits)
     if pop is None or pop.best is None:
         return []
     hyper, log_hyper = searched(run)
     if not hyper:
         notes.append("no hyperparameter is searched (every one is a constant): no hyperparameters figure")
         return []
+    tr = pop.trials if pop.by_trial else None
     last = pop.last
-    rows = pop.row[last]
+    if tr is not None:  # one point per trial, at its last row
+        rows, values, hollow, best = tr.last, tr.value, tr.stopped, tr.best
+        who = "trial"
+        best_text = f"the best trial ({int(tr.key[best])}"
+    else:  # one point per member of the last generation
+        rows, values, hollow, best = pop.row[last], pop.value[last], np.zeros(pop.members, dtype=bool), pop.best
+        who = "member"
+        best_text = f"the best member ({pop.best}"
     present = rows >= 0
     at = np.where(present, rows, 0)
-    values = pop.value[last]
     fig, axes = figure(len(hyper), width=5.0, height=4.0)
     handles: List[Any] = []
     named: List[Tuple[Any, Any]] = []
@@ -523,17 +807,24 @@ def _hyperparameters(run: RunView, folder: Path, notes: List[str], exploits: boo
         x = np.where(present, column_floats(run.table, name)[at], np.nan)
         keep = np.isfinite(x) & np.isfinite(values)
         log = name in log_hyper and bool(np.all(x[keep] > 0))
-        dots = ax.scatter(x[keep], values[keep], s=26, color="C0", alpha=0.8, edgecolors="none", zorder=3,
-                          label=f"a member ({int(keep.sum())} with a finite {label(run.objective)})")
-        if keep[pop.best]:
-            star = ax.plot(x[pop.best], values[pop.best], "*", ms=15, color=BEST_COLOUR, mec="black", zorder=4,
-                           label=f"the best member ({pop.best}; {label(run.objective)} {fmt(values[pop.best])})")
-            named.append((ax, point_label(ax, f"{label(name)} = {fmt(x[pop.best])}", (x[pop.best], values[pop.best]),
+        full, early = keep & ~hollow, keep & hollow
+        whole = (f"a trial that ran the full {fmt(tr.full)} steps ({int(full.sum())})" if hollow.any() else
+                 f"a {who} ({int(keep.sum())} with a finite {label(run.objective)})")
+        drawn = [ax.scatter(x[full], values[full], s=26, color="C0", alpha=0.8, edgecolors="none", zorder=3,
+                            label=whole)]
+        if early.any():
+            drawn.append(ax.scatter(x[early], values[early], s=26, facecolors="none", edgecolors="C0", linewidths=1.0,
+                                    alpha=0.8, zorder=3, label=f"a trial stopped at a rung ({int(early.sum())}; "
+                                                               f"hollow: its value there, after fewer steps)"))
+        handles = list(drawn)
+        if keep[best]:
+            star = ax.plot(x[best], values[best], "*", ms=15, color=BEST_COLOUR, mec="black", zorder=4,
+                           label=f"{best_text}; {label(run.objective)} {fmt(values[best])})")
+            named.append((ax, point_label(ax, f"{label(name)} = {fmt(x[best])}", (x[best], values[best]),
                                           fontsize=MIN_FONT_SIZE, color=BEST_COLOUR,
                                           bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none",
                                                     alpha=0.8))))
-            handles = [dots] + star
-        handles = handles or [dots]
+            handles += star
         ax.margins(y=0.08)
         if log:
             log_axis(ax, "x", x[keep])
@@ -545,27 +836,37 @@ def _hyperparameters(run: RunView, folder: Path, notes: List[str], exploits: boo
         ax.set_title(f"final {label(run.objective)} vs {label(name)}{_range_text(run, name)}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=MIN_FONT_SIZE + 1, frameon=False)
-    fig.suptitle(f"{label(run.name)}: each member's {label(run.objective)} at the last generation ({last}) "
-                 f"against its hyperparameters ({better(run.mode)})", fontsize=11)
+    when = "at its last evaluation" if tr is not None else f"at the last generation ({last})"
+    fig.suptitle(f"{label(run.name)}: each {who}'s {label(run.objective)} {when} against its hyperparameters "
+                 f"({better(run.mode)})", fontsize=11)
     renderer = renderer_of(fig) if named else None
     for ax, text in named:  # beside the star, off the other members' dots
         place_labels(ax, [text], renderer=renderer)
     path = folder / "hyperparameters.png"
     save(fig, path)
+    logs = [n for n in hyper if n in log_hyper]
+    log_text = f"; log scale for {', '.join(logs)}" if logs else ""
+    if tr is not None:
+        stops = ("; hollow points are trials stopped at a rung, drawn at their value there (after fewer steps)"
+                 if tr.stopped.any() else "")
+        return [Figure(path, f"{run.objective} of every trial at its last evaluation against its values{stops}; "
+                             f"the red star is the best trial ({tr.name(tr.best)}, {tr.best_among})"
+                             f"{log_text}.")]
     which = ("the value each member used in the last generation (pbt changes them along the way; lineage.png "
              "has the best member's schedule)" if exploits else "each member's value")
-    logs = [n for n in hyper if n in log_hyper]
     return [Figure(path, f"{run.objective} of every member at the last generation ({last}) against {which}; the red "
-                         f"star is the best member"
-                         + (f"; log scale for {', '.join(logs)}" if logs else "") + ".")]
+                         f"star is the best member{log_text}.")]
 
 
 # --------------------------------------------------------------------------- the page's section
 
 
 def _best_member(run: RunView, exploits: bool) -> str:
-    """The page's section on the best member: its value, its schedule, and how often members copied."""
-    pop = population(run)
+    """The page's section on the best member: its value, its schedule, and how often members copied. A
+    search by trial (waves, halving, Optuna) gets its best trial: its values and its evaluations."""
+    pop = population(run, exploits)
+    if pop is not None and pop.by_trial:
+        return _best_trial_section(run, pop)
     head = "<h2>Best member</h2>\n"
     if pop is None:
         return head + "<p>The rows could not be laid out by member and generation (see the warnings).</p>\n"
@@ -588,14 +889,43 @@ def _best_member(run: RunView, exploits: bool) -> str:
         return "".join(parts) + "<p>Its lineage cannot be followed (see the warnings).</p>\n"
     hyper, _ = searched(run)
     columns = ["generation", "step", "member"] + hyper + [run.objective]
-    rows = []
-    objective = _chain_objective(run, pop.chain)
-    for row, value in zip(pop.chain, objective):
-        rows.append([row.get(c) for c in columns[:-1]] + [None if not np.isfinite(value) else float(value)])
     parts.append("<p>Its schedule: the rows of its lineage, generation 0 first. <i>member</i> is the member whose "
                  "row (and weights) the lineage passes through at that generation"
                  + (", so it changes where the lineage continued from another member" if exploits else "")
                  + f"; the hyperparameters are the values used during that generation and {escape(run.objective)} the "
                    f"value at its end.</p>\n")
-    parts.append(html_table(columns, rows, "schedule") + "\n")
+    parts.append(html_table(columns, _chain_rows(run, pop.chain, columns), "schedule") + "\n")
+    return "".join(parts)
+
+
+def _chain_rows(run: RunView, chain: List[Dict[str, Any]], columns: List[str]) -> List[List[Any]]:
+    """The rows of `chain` under `columns` (the objective last: null where the row is not ok or not finite)."""
+    objective = _chain_objective(run, chain)
+    return [[row.get(c) for c in columns[:-1]] + [None if not np.isfinite(value) else float(value)]
+            for row, value in zip(chain, objective)]
+
+
+def _best_trial_section(run: RunView, pop: Population) -> str:
+    """The page's section on a search's best trial: where it ran, its value, its values and its evaluations."""
+    tr = pop.trials
+    head = "<h2>Best trial</h2>\n"
+    if tr is None or tr.best is None:
+        return head + f"<p>No trial has an ok last row with a finite {escape(run.objective)}.</p>\n"
+    i = tr.best
+    hyper, _ = searched(run)
+    last = run.table.slice(int(tr.last[i]), 1).to_pylist()[0]
+    where = tr.where(i)
+    values = ", ".join(f"{escape(n)} = {escape(fmt(last.get(n)))}" for n in hyper)
+    parts = [head, f'<p id="best-trial">{"Trial" if tr.numbered else "Member"} <b>{int(tr.key[i])}</b>'
+                   + (f" ({escape(where)})" if where else "")
+                   + f": {escape(run.objective)} = <b>{escape(fmt(tr.value[i]))}</b> ({escape(better(run.mode))}) "
+                     f"after {escape(fmt(tr.step[i]))} steps, {escape(tr.best_among)}."
+                   + (f" Its values: {values}." if values else "")]
+    if run.run_dir is not None and (run.run_dir / "best.safetensors").is_file():
+        parts.append(" Its weights: <code>best.safetensors</code> in the run folder.")
+    parts.append("</p>\n")
+    columns = ["generation", "step", "member"] + hyper + [run.objective]
+    parts.append("<p>Its evaluations, first to last: the generation counts evaluation rounds over the whole "
+                 "search, the step this trial's own training.</p>\n")
+    parts.append(html_table(columns, _chain_rows(run, pop.chain, columns), "schedule") + "\n")
     return "".join(parts)

@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..population import MODEL_START, Train
 from ..settings import Int, Kwargs, Section, Text
 from ._halving import HalvingConfig, Rungs
-from ._population_figures import PopulationFigures
+from ._search_figures import SearchFigures
 from ._training import MAX_POPULATION, SEED_STRIDE, Training, TrainingConfig, example_section, searched
 from .base import WAIT, CandidateBatch, StudyContext, Wait
 
@@ -317,9 +317,9 @@ def example(bench: Any) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- figures
 
-#: The report draws a population whose members train side by side, never copying each other
-#: (see `_population_figures`).
-REPORT = PopulationFigures(exploits=False)
+#: The report draws a population whose members train side by side, never copying each other, with the
+#: rungs and budget of halving and the trials of waves (see `_search_figures`).
+REPORT = SearchFigures()
 #: The report figures this study may write.
 FIGURES = REPORT.names
 figures = REPORT.figures

@@ -73,6 +73,14 @@ def test_random_search_with_halving_in_waves_matches_each_trial_trained_alone_an
         saved = read_weights_file(tmp_path / "runs" / "search" / "best.safetensors")
         got = digits_reference(digits.make_model(), saved, digits.eval_batches())
         assert got["loss"] == pytest.approx(by_trial[best][-1]["loss"], rel=1e-5)
+    # The report: the rungs and the trials drawn, each trial ranked by its last row.
+    from sweep.report import write_report
+
+    report = write_report(tmp_path / "runs" / "search", mlflow=False)
+    assert {f.name for f in report.figures} == {"training.png", "halving.png", "trials.png",
+                                                     "hyperparameters.png"}
+    page = report.html.read_text()
+    assert "Best 9 trials by accuracy at their last evaluation" in page
     # One MLflow child run per trial, one step per training step.
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     children = client.search_runs([client.get_run(result.mlflow_run_id).info.experiment_id],
