@@ -255,7 +255,11 @@ class Population:
         """
         leaf = self.flat.detach().requires_grad_()
         loss_hp = {n: self.hyper[n].reshape(-1) for n in self.loss_names}
-        losses = self._losses(self._views(leaf), x, y, loss_hp)
+        if leaf.shape[0] == 1:  # one member (the last of a halving): vmap's own cost would double the step's
+            params = {n: v[0] for n, v in self._views(leaf).items()}
+            losses = self._loss(params, x, y, {n: h[0] for n, h in loss_hp.items()})
+        else:
+            losses = self._losses(self._views(leaf), x, y, loss_hp)
         (gradient,) = torch.autograd.grad(losses.sum(), leaf)
         return gradient
 

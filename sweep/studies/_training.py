@@ -176,8 +176,8 @@ class Training(StudyBase):
         return self.size * self.generations
 
     def batches(self, batch_size: int, skip: frozenset = frozenset()) -> Iterator[Union[CandidateBatch, Wait]]:
-        """Generation g: one batch of every member (`batch_size` does not apply), then `WAIT`; the exploits of
-        the next generation are decided from the rows of this one. Nothing can be skipped: the members'
+        """Generation g: one batch of every member (`batch_size` does not apply), then (with exploit) `WAIT`:
+        the exploits of the next generation are decided from the rows of this one. Nothing can be skipped: the members'
         weights are not in the rows."""
         if skip:
             raise ValueError(f"a {self.config.kind} study cannot skip candidates: {self.not_resumable}")
@@ -193,10 +193,10 @@ class Training(StudyBase):
                                  source=Train(list(members), donors, explored, [self.interval] * size))
             if g == self.generations - 1:
                 return
-            yield WAIT
-            scores = self._scores.pop(g, {})
             parents, donors, explored = list(members), [None] * size, [None] * size
-            if self.exploit:
+            if self.exploit:  # without exploit nothing waits for a generation's rows: the workers go straight on
+                yield WAIT
+                scores = self._scores.pop(g, {})
                 moves = self.next_generation({m: scores.get(m, math.nan) for m in members}, current)
                 for receiver, donor, values in moves:
                     parents[receiver] = donors[receiver] = donor

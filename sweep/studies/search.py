@@ -132,7 +132,7 @@ class Search(Training):
         # What the rounds decided: the members that go on, and each trial's end.
         self._going_on: List[int] = []
         self._slots: Dict[int, Dict[str, Any]] = {}  # member → {trial, values, bracket} in the current wave
-        self._rung_rows: Dict[int, Optional[int]] = {}  # member → the rung its row of this round decides
+        self._rung_rows: Dict[int, Optional[int]] = {}  # member → the rung its row of the round being made decides
         self.ends: Dict[int, Dict[str, Any]] = {}  # trial → {member, wave, value, step, stopped, values}
         self.member_steps = 0
 
@@ -190,9 +190,11 @@ class Search(Training):
                 self.member_steps += self.interval * len(members)
                 if w == len(self.sizes) - 1 and g == self.generations - 1:
                     return
-                yield WAIT
-                if not self._going_on:
-                    break
+                # The next round waits for this one's rows only when they decide something: a rung (who goes
+                # on), or the end of a sampler's wave (what it proposes next). Else the workers go straight on.
+                decides = any(rung is not None for rung in self._rung_rows.values())
+                if decides or (g == self.generations - 1 and self.method == "optuna"):
+                    yield WAIT
 
     def _open_proposals(self) -> Any:
         from ._optuna import Proposals, make_sampler
@@ -229,34 +231,37 @@ class Search(Training):
         told and kept."""
         if table.num_rows == 0 or not (self.waved or self.config.halving is not None):
             return table
+        # Everything is read from the rows themselves: rounds that decide nothing are not waited for, so the
+        # study may already be making a later round (of a later wave) when this one lands.
         members = table.column("member").to_pylist()
-        steps = table.column("step").to_pylist()
+        step = table.column("step")[0].as_py()
+        wave = self._wave_of(table)
+        trials = table.column("trial").to_pylist() if "trial" in table.column_names else members
         values = self._values(table)
-        by_member = dict(zip(members, values))
-        step = steps[0]
         stopped: Dict[int, str] = {}
-        rungs = self.rungs[self._wave_of(table)]
+        rungs = self.rungs[wave]
         if rungs is not None:
             brackets: Dict[tuple, Dict[int, float]] = {}
-            for m in members:
-                rung = self._rung_rows.get(m)
+            for m, bracket, rung, value in zip(members, table.column("bracket").to_pylist(),
+                                               table.column("rung").to_pylist(), values):
                 if rung is not None:
-                    brackets.setdefault((self._slots[m]["bracket"], rung), {})[m] = by_member[m]
+                    brackets.setdefault((bracket, rung), {})[m] = value
             for (bracket, rung), scores in sorted(brackets.items()):
                 for decision in rungs.decide(bracket, rung, scores, self.mode):
                     if not decision.goes_on:
                         stopped[decision.member] = decision.reason or ""
         last = step == self.config.steps
-        for m in members:
-            trial = self._slots[m]["trial"]
+        for i, (m, trial, value) in enumerate(zip(members, trials, values)):
             if self.proposals is not None:
-                self.proposals.report(trial, by_member[m], step)
+                self.proposals.report(trial, value, step)
             if m in stopped or last:
-                self.ends[trial] = {"member": m, "wave": self._wave_of(table), "value": by_member[m], "step": step,
-                                    "stopped": m in stopped, "values": dict(self._slots[m]["values"])}
+                row = {n: table.column(n)[i].as_py() for n in self.hyper_names}
+                self.ends[trial] = {"member": m, "wave": wave, "value": value, "step": step,
+                                    "stopped": m in stopped, "values": row}
                 if self.proposals is not None:
-                    self.proposals.tell(trial, by_member[m], pruned=m in stopped)
-        self._going_on = [] if last else [m for m in self._going_on if m not in stopped]
+                    self.proposals.tell(trial, value, pruned=m in stopped)
+        if stopped:  # a rung's round is always waited for: the members going on are still this wave's
+            self._going_on = [m for m in self._going_on if m not in stopped]
         if self.config.halving is not None:
             column = pa.array([stopped.get(m) for m in members], pa.string())
             table = table.append_column("stopped", column) if "stopped" not in table.column_names else \

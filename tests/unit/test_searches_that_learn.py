@@ -67,6 +67,12 @@ def test_stopped_members_leave_the_stacked_rows_and_the_others_train_as_they_wou
         want = train_alone(seed, lr, momentum, 7, data)
         for name, p in population.params.items():
             torch.testing.assert_close(p[population.index[member]], want[name], rtol=1e-5, atol=1e-6)
+    # One member left: its steps go without vmap, to the same weights.
+    population.retain([3])
+    population.train(3)
+    want = train_alone(13, 0.3, 0.3, 10, data)
+    for name, p in population.params.items():
+        torch.testing.assert_close(p[0], want[name], rtol=1e-5, atol=1e-6)
 
 
 def test_a_restarted_member_is_a_new_trial_from_its_seed_and_a_new_slot_grows_the_rows():
