@@ -4,11 +4,31 @@ The public API lives here; everything else is reachable but private.
 """
 
 from .errors import ConfigError, SweepError, WeightsError
-from .evaluator import CandidatesError, evaluate
-from .recipes import Affine, Merge, Noise, Recipe, Slerp
-from .stacked import Stacked
-from .types import FAILED, INVALID, OK, Invalid
-from .validate import check_candidate
+
+#: The public names that need torch, imported on first use: the command line's help, `sweep show` and the
+#: config's checks start without torch's import (a second and a half).
+_LAZY = {
+    "evaluate": "evaluator", "CandidatesError": "evaluator",
+    "Affine": "recipes", "Merge": "recipes", "Noise": "recipes", "Recipe": "recipes", "Slerp": "recipes",
+    "Stacked": "stacked",
+    "FAILED": "types", "INVALID": "types", "OK": "types", "Invalid": "types",
+    "check_candidate": "validate",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sweep' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "evaluate",

@@ -4,14 +4,99 @@ folders; `pyarrow.fs` URIs (`s3://…`) are kept as they are and left to whoever
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import stat
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from pydantic import ValidationInfo
 
-from .model import FOLDER_FILES, describe_file, glob_files, is_uri
+#: The files a checkpoint folder is read from, in the order they are looked for.
+FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def is_uri(path: str) -> bool:
+    """Whether `path` is a `pyarrow.fs` URI (`s3://…`, `gs://…`, `file://…`) rather than a local path."""
+    return "://" in path
+
+
+#: A glob stops after visiting this many folder entries: '/**/*.safetensors' would walk
+#: the whole file system.
+MAX_GLOB_ENTRIES = 100_000
+
+
+def glob_files(pattern: str) -> Iterator[str]:
+    """What `glob.iglob(pattern, recursive=True)` yields, visiting at most MAX_GLOB_ENTRIES folder entries.
+
+    Raises ValueError naming the pattern once the walk would go further.
+    """
+    visited = 0
+
+    def entries(folder: str, hidden: bool) -> List[Tuple[str, bool]]:  # (name, is a folder), as glob lists them
+        nonlocal visited
+        found = []
+        try:
+            with os.scandir(folder or os.curdir) as listing:
+                for entry in listing:
+                    visited += 1
+                    if visited > MAX_GLOB_ENTRIES:
+                        raise ValueError(
+                            f"pattern {pattern} looks through more than {MAX_GLOB_ENTRIES:,} folder entries; "
+                            f"narrow it to the folder that holds the weights files "
+                            f"(e.g. 'checkpoints/**/*.safetensors', not '/**/*.safetensors')")
+                    if hidden or not entry.name.startswith("."):
+                        try:
+                            found.append((entry.name, entry.is_dir()))
+                        except OSError:
+                            found.append((entry.name, False))
+        except OSError:
+            pass
+        return found
+
+    def below(folder: str, folders_only: bool) -> Iterator[str]:  # what '**' stands for: all under folder
+        for name, is_folder in entries(folder, hidden=False):
+            if is_folder or not folders_only:
+                yield name
+            if is_folder:
+                yield from (os.path.join(name, rest) for rest in below(os.path.join(folder, name), folders_only))
+
+    def matches(path: str, folders_only: bool) -> Iterator[str]:
+        folder, last = os.path.split(path)
+        if not glob_magic(path):
+            if os.path.lexists(path) if last else os.path.isdir(folder):
+                yield path
+            return
+        parents = matches(folder, True) if folder != path and glob_magic(folder) else [folder]
+        for parent in parents:
+            if last == "**":
+                found = [""] + list(below(parent, folders_only))
+            elif glob_magic(last):
+                listed = entries(parent, hidden=last.startswith("."))
+                found = fnmatch.filter([name for name, is_folder in listed if is_folder or not folders_only], last)
+            else:
+                found = [last] if os.path.lexists(os.path.join(parent, last)) else []
+            for name in found:
+                yield os.path.join(parent, name)
+
+    yield from (path for path in matches(pattern, False) if path)  # a relative '**' matches '' first
+
+
+def glob_magic(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def describe_file(path: str, st_mode: int) -> str:
+    """What is at `path` (`st_mode`: its stat after following links), for messages: 'a FIFO (named pipe)', …"""
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((text for test, text in kinds if test(st_mode)), "not a regular file")
+    if os.path.islink(path):
+        return f"a symbolic link to {os.path.realpath(path)}, {kind}"
+    return kind
+
+
 
 
 def checks_files(info: ValidationInfo) -> bool:

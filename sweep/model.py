@@ -15,7 +15,6 @@ behind a `pyarrow.fs` URI (`s3://…`, `gs://…`, `file://…`).
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import io
 import json
@@ -31,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from .errors import WeightsError
+from .files import FOLDER_FILES, describe_file, is_uri
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -41,9 +41,6 @@ MAX_SAFETENSORS_HEADER = 100_000_000
 #: a re-zipped file of zeros would otherwise unpack a 1 MB file into gigabytes.
 MAX_UNCOMPRESSED_RATIO = 4
 MAX_UNCOMPRESSED_EXTRA = 16 * 2**20
-#: A glob stops after visiting this many folder entries: '/**/*.safetensors' would walk
-#: the whole file system.
-MAX_GLOB_ENTRIES = 100_000
 
 
 def import_object(spec: str) -> Any:
@@ -295,76 +292,6 @@ def _read_into(f: Any, raw: torch.Tensor) -> bool:
     return True
 
 
-def describe_file(path: str, st_mode: int) -> str:
-    """What is at `path` (`st_mode`: its stat after following links), for messages: 'a FIFO (named pipe)', …"""
-    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    kind = next((text for test, text in kinds if test(st_mode)), "not a regular file")
-    if os.path.islink(path):
-        return f"a symbolic link to {os.path.realpath(path)}, {kind}"
-    return kind
-
-
-def glob_files(pattern: str) -> Iterator[str]:
-    """What `glob.iglob(pattern, recursive=True)` yields, visiting at most MAX_GLOB_ENTRIES folder entries.
-
-    Raises ValueError naming the pattern once the walk would go further.
-    """
-    visited = 0
-
-    def entries(folder: str, hidden: bool) -> List[Tuple[str, bool]]:  # (name, is a folder), as glob lists them
-        nonlocal visited
-        found = []
-        try:
-            with os.scandir(folder or os.curdir) as listing:
-                for entry in listing:
-                    visited += 1
-                    if visited > MAX_GLOB_ENTRIES:
-                        raise ValueError(
-                            f"pattern {pattern} looks through more than {MAX_GLOB_ENTRIES:,} folder entries; "
-                            f"narrow it to the folder that holds the weights files "
-                            f"(e.g. 'checkpoints/**/*.safetensors', not '/**/*.safetensors')")
-                    if hidden or not entry.name.startswith("."):
-                        try:
-                            found.append((entry.name, entry.is_dir()))
-                        except OSError:
-                            found.append((entry.name, False))
-        except OSError:
-            pass
-        return found
-
-    def below(folder: str, folders_only: bool) -> Iterator[str]:  # what '**' stands for: all under folder
-        for name, is_folder in entries(folder, hidden=False):
-            if is_folder or not folders_only:
-                yield name
-            if is_folder:
-                yield from (os.path.join(name, rest) for rest in below(os.path.join(folder, name), folders_only))
-
-    def matches(path: str, folders_only: bool) -> Iterator[str]:
-        folder, last = os.path.split(path)
-        if not glob_magic(path):
-            if os.path.lexists(path) if last else os.path.isdir(folder):
-                yield path
-            return
-        parents = matches(folder, True) if folder != path and glob_magic(folder) else [folder]
-        for parent in parents:
-            if last == "**":
-                found = [""] + list(below(parent, folders_only))
-            elif glob_magic(last):
-                listed = entries(parent, hidden=last.startswith("."))
-                found = fnmatch.filter([name for name, is_folder in listed if is_folder or not folders_only], last)
-            else:
-                found = [last] if os.path.lexists(os.path.join(parent, last)) else []
-            for name in found:
-                yield os.path.join(parent, name)
-
-    yield from (path for path in matches(pattern, False) if path)  # a relative '**' matches '' first
-
-
-def glob_magic(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
 def write_weights_file(state: Mapping[str, torch.Tensor], path: str | Path,
                        metadata: Optional[Dict[str, str]] = None) -> Path:
     """`state` as a safetensors file, written to a hidden temporary name and renamed: a reader
@@ -544,8 +471,6 @@ def _check_unpacked_size(data: bytes, name: str) -> None:
 #: The files a checkpoint folder holds its weights in, in the order one is read when several are there
 #: (transformers' own: safetensors first, one file before shards). Nothing else in the folder is read
 #: (`config.json`, tokenizer files, …).
-FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 INDEX_SUFFIX = ".index.json"
 #: An index larger than this is refused unread (a 70-billion-parameter model's is about 100 KB).
 MAX_INDEX_BYTES = 16 * 2**20
@@ -553,11 +478,6 @@ MAX_INDEX_BYTES = 16 * 2**20
 #: A checkpoint as the driver saw it: (file name in its folder, "" for a file; size; modification time in ns)
 #: of each file it is read from. A worker whose own look at the path gives the same reads the path itself.
 Stamp = Tuple[Tuple[str, int, int], ...]
-
-
-def is_uri(path: str) -> bool:
-    """Whether `path` is a `pyarrow.fs` URI (`s3://…`, `gs://…`, `file://…`) rather than a local path."""
-    return "://" in path
 
 
 class _Local:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Tuple
 
-import torch
+if TYPE_CHECKING:  # the statuses are read where torch is not imported (`sweep show`, the config)
+    import torch
 
-ParamDict = Mapping[str, torch.Tensor]
+ParamDict = Mapping[str, "torch.Tensor"]
 """Parameter (and optional buffer) name → tensor, as `module.named_parameters()` names them."""
 
 Batch = Tuple[Any, Any]

@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from sweep.messages import last_line
 from sweep.model import checkpoint_bytes, checkpoint_stamp, write_weights_file
 from sweep.preflight import plan_checked
 from sweep.results import Tally, failed_rows, results_schema
-from sweep.sinks import check_columns, close_sinks, open_sinks
+from sweep.sinks import check_columns, close_sinks, open_sinks, prepare_sinks
 from sweep.sinks.base import SinkContext
 from sweep.sinks.parquet import ResultsWriteError, clear, dataset, has_results, results_location
 
@@ -91,8 +92,23 @@ def connect(address: Optional[str] = None) -> None:
         ray.init(address=address, **kwargs)
     finally:
         os.environ.pop(REAPER_MARK, None)  # only what ray.init starts carries it
+    global _started_here
+    # ray.init() without an address joins a cluster `ray start` runs on this machine, if any: then it is
+    # not the head. Only a cluster this process started is its own to leave to the reaper at exit.
+    _started_here = address is None and bool(getattr(ray._private.worker._global_node, "head", False))
     if not os.environ.get("SWEEP_DEBUG"):
         _hide_start_tracebacks()
+
+
+#: Whether `connect` started a local cluster of this process's own (not one it joined).
+_started_here = False
+
+
+def started_own_cluster() -> bool:
+    """Whether this process started the local Ray cluster it is connected to: at exit, Ray's GCS and raylet
+    die with it (PR_SET_PDEATHSIG) and the reaper ends the rest, so a command that is done can leave
+    without `ray.shutdown()` (two seconds and more of tearing down what dies anyway)."""
+    return _started_here and ray.is_initialized()
 
 
 #: What Ray's worker prints (then its traceback) when a worker's constructor raised.
@@ -368,7 +384,10 @@ def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weig
               address: Optional[str], progress: Optional[bool], on_batch: Optional[Callable[[int, int], None]],
               resumed: bool, params: Optional[Dict[str, Any]]) -> RunResult:
     """Start the workers, stream the study's rows through them to the sinks, and sum up."""
-    connect(address)
+    prepare_sinks(config)  # what a sink can make ready while Ray and the workers start (MLflow's store)
+    with waiting("starting Ray" if address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+                 else "joining Ray", progress):
+        connect(address)
     count = worker_count(config)
     if study.population is not None:
         count = min(count, study.population.size)  # one shard of members per worker, none empty
@@ -381,7 +400,8 @@ def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weig
     findings: Dict[str, float] = {}
     completed = False
     try:
-        metric_names = describe_workers(executor.actors)
+        with waiting(_starting(count, config), progress):
+            metric_names = describe_workers(executor.actors)
         schema = results_schema(study.fields(), metric_names)
         objective = check_metrics(config, metric_names, schema)
         study.bind(objective, config.metrics.mode, metric_names)
@@ -528,6 +548,46 @@ def versions() -> Dict[str, str]:
 
     return {"sweep": sweep.__version__, "torch": torch.__version__, "ray": ray.__version__,
             "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
+
+
+def _starting(count: int, config: SweepConfig) -> str:
+    what = "each imports torch, builds the model, loads the data and runs it once"
+    if config.evaluation.compile:
+        what += ", then compiles it"
+    return f"starting {count} worker{'s' if count != 1 else ''} ({what})"
+
+
+class waiting:
+    """What a slow start is waiting for: on a terminal a spinner with `what` and the seconds so far;
+    otherwise a line every LOG_INTERVAL seconds while it lasts (nothing when it ends sooner)."""
+
+    def __init__(self, what: str, enabled: Optional[bool] = None):
+        self.what = what
+        self.tty = sys.stderr.isatty() if enabled is None else enabled
+        self._done = threading.Event()
+        self._status: Any = None
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "waiting":
+        self.started = time.monotonic()
+        if self.tty:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(f"sweep: {self.what}…")
+            self._status.__enter__()
+        else:
+            self._thread = threading.Thread(target=self._lines, name="sweep-waiting", daemon=True)
+            self._thread.start()
+        return self
+
+    def _lines(self) -> None:
+        while not self._done.wait(LOG_INTERVAL):
+            print(f"sweep: {self.what}: {time.monotonic() - self.started:,.0f} s so far", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        if self._status is not None:
+            self._status.__exit__(*exc)
 
 
 class Progress:

@@ -1,7 +1,8 @@
 """Result sinks: a sink is one module here plus one line in `SINKS`.
 
 Each module brings its `Config` (its section of the config's `sinks:`, with `enabled`), `open(context)`
-and optionally `check(config)`, `check_columns(names)` and `columns_logged(schema)` (see `.base`). The
+and optionally `check(config)`, `check_columns(names)`, `columns_logged(schema)` (see `.base`) and
+`prepare(config)`: called before Ray starts, to make ready on a thread of its own what `open` will need. The
 config builds its `sinks:` section from `SINKS`; the driver opens, feeds and closes what is enabled, in
 the order of `SINKS`.
 """
@@ -21,7 +22,8 @@ SINKS: Dict[str, ModuleType] = {
     "mlflow": mlflow,
 }
 
-__all__ = ["SINKS", "Sink", "SinkContext", "conform", "enabled_sinks", "check_columns", "open_sinks", "close_sinks"]
+__all__ = ["SINKS", "Sink", "SinkContext", "conform", "enabled_sinks", "check_columns", "prepare_sinks", "open_sinks",
+           "close_sinks"]
 
 
 def enabled_sinks(config: Any) -> List[Tuple[str, ModuleType]]:
@@ -47,6 +49,15 @@ def check_columns(config: Any, schema: pa.Schema, metric_names: Sequence[str]) -
             continue
         logged = getattr(module, "columns_logged", None)
         check([*metric_names, *(logged(schema) if logged is not None else ())])
+
+
+def prepare_sinks(config: Any) -> None:
+    """Each enabled sink's `prepare(config)`, where it has one: work it starts in the background (it must
+    not raise; a problem is for `open` to meet and report)."""
+    for _, module in enabled_sinks(config):
+        prepare = getattr(module, "prepare", None)
+        if prepare is not None:
+            prepare(config)
 
 
 def open_sinks(context: SinkContext) -> List[Sink]:

@@ -150,6 +150,41 @@ def open(context: SinkContext) -> "MlflowSink":
     )
 
 
+#: Threads opening a tracking store ahead of the sink (`prepare`), by the URI they open.
+_PREPARING: Dict[Optional[str], threading.Thread] = {}
+
+
+def prepare(config: Any) -> None:
+    """Import MLflow and open the sweep's tracking store on a thread of its own, while Ray and the workers
+    start: MLflow's import takes seconds, and a new SQLite store makes its tables. MLflow keeps one store
+    per URI in a process, so the sink's client finds it open. Nothing is logged; a failure is left for the
+    sink to meet and report. A server's store costs nothing to open and is not prepared."""
+    uri = resolve_tracking_uri(config.sinks.mlflow.tracking_uri)
+    if uri is not None and urlsplit(uri).scheme in ("http", "https", "databricks"):
+        return
+    if uri in _PREPARING:
+        return
+
+    def open_store() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001 - the sink opens the store itself and says what is wrong
+            pass
+
+    thread = threading.Thread(target=open_store, name="sweep-mlflow-prepare", daemon=True)
+    _PREPARING[uri] = thread
+    thread.start()
+
+
+def _prepared(uri: Optional[str]) -> None:
+    """Wait for a store being prepared at `uri`: two threads making one SQLite store's tables at once race."""
+    thread = _PREPARING.get(uri)
+    if thread is not None:
+        thread.join()
+
+
 #: The run.json field that holds the tracking URI the sweep's MLflow run lives at.
 TRACKING_URI_RECORD = "mlflow_tracking_uri"
 #: Folder beside a SQLite store's database file that holds the artifacts of the experiments the sink creates.
@@ -416,6 +451,7 @@ class MlflowSink:
         return "; once the sweep's rows are all in, Ctrl-C during that wait loses none of them"
 
     def _start(self):
+        _prepared(self.tracking_uri)
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 

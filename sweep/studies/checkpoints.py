@@ -23,9 +23,9 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..files import checks_files, glob_matches_a_file, is_checkpoint_folder, path_kind, resolve_path
 from ..errors import ConfigError, WeightsError
-from ..model import (FOLDER_FILES, Stamp, checkpoint_bytes, checkpoint_stamp, glob_files, is_uri, load_checkpoint,
+from ..files import checks_files, glob_files, glob_matches_a_file, is_checkpoint_folder, path_kind, resolve_path
+from ..model import (FOLDER_FILES, Stamp, checkpoint_bytes, checkpoint_stamp, is_uri, load_checkpoint,
                      read_checkpoint, stamp_bytes)
 from ..settings import Section, Text
 from ..types import Invalid

@@ -24,11 +24,13 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 import sweep
+import sweep.files as files
 import sweep.model as model
 from sweep.cli import main as cli_main
 from sweep.files import check_file, glob_matches_a_file, path_kind
 from sweep.errors import ConfigError, WeightsError
-from sweep.model import glob_files, load_weights, read_file_bytes, read_weights_file
+from sweep.files import glob_files
+from sweep.model import load_weights, read_file_bytes, read_weights_file
 from sweep.studies.checkpoints import Checkpoints, Config, FileContents, expand
 
 REPO = Path(__file__).resolve().parents[2]
@@ -402,7 +404,7 @@ def test_a_glob_that_walks_too_far_is_refused_naming_the_pattern(tmp_path, monke
     for i in range(20):
         (tmp_path / f"f{i:02d}").mkdir()
         (tmp_path / f"f{i:02d}" / "w.safetensors").write_bytes(b"")
-    monkeypatch.setattr(model, "MAX_GLOB_ENTRIES", 10)
+    monkeypatch.setattr(files, "MAX_GLOB_ENTRIES", 10)
     pattern = str(tmp_path / "**" / "*.safetensors")
     with pytest.raises(ValueError) as e:
         glob_matches_a_file(pattern)
@@ -411,5 +413,5 @@ def test_a_glob_that_walks_too_far_is_refused_naming_the_pattern(tmp_path, monke
         checkpoints_config(["**/*.safetensors"], tmp_path)
     with pytest.raises(ConfigError, match=re.escape(f"study.paths: pattern {pattern} looks through more than 10")):
         expand([pattern])
-    monkeypatch.setattr(model, "MAX_GLOB_ENTRIES", 1000)  # the same tree under a bound it fits in
+    monkeypatch.setattr(files, "MAX_GLOB_ENTRIES", 1000)  # the same tree under a bound it fits in
     assert len(expand([pattern])) == 20 and glob_matches_a_file(pattern)
