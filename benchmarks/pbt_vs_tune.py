@@ -4,6 +4,7 @@
     python benchmarks/pbt_vs_tune.py --search        # also the `search` study (random search, same budget)
     python benchmarks/pbt_vs_tune.py --tune-only --population 4 --iterations 3   # a quick look
     python benchmarks/pbt_vs_tune.py --json          # the figures as one JSON object
+    python benchmarks/pbt_vs_tune.py --commands --repeat 3   # as whole commands, each a fresh process
 
 The problem is configs/pbt.yaml: the digits MLP 64-64-10 (`digits.make_model`),
 SGD with momentum on `digits.train_batches()` (batches of 64, taken in order and
@@ -26,6 +27,12 @@ perturbation factors (1.2, 0.8). Member m starts from
 Besides the table it prints what Tune did besides training (exploits, trial
 restarts, checkpoints written and their size on disk, actor processes). Tune's
 "steps" is the sum of the members' final step counters.
+
+With `--commands` both are timed as a user meets them instead, each a fresh
+process end to end, alternating: Ray Tune as this script itself (`--tune-only`:
+Python's start, the imports, `ray.init`, `tuner.fit()`, the shutdown) against
+`sweep run configs/pbt.yaml` as the README runs it (Ray's start, two workers,
+MLflow on with a SQLite store in the temporary folder, the report written).
 
 Ray is started once (`ray.init(num_cpus=2)`, timed separately) and shared. Every
 figure printed is measured in this run. Nothing is downloaded; the temporary
@@ -234,11 +241,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="sweep's workers.count")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--commands", action="store_true",
+                        help="time both as whole commands in fresh processes (the user's wall time) instead")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the systems this many times, alternating; each system's fastest run is shown "
                              "(with every wall time), so neither gains from going second")
     args = parser.parse_args(argv)
 
+    if args.commands:
+        return commands(args)
     logging.getLogger("ray.tune").setLevel(logging.ERROR)  # PBT's per-exploit INFO, the loggers' WARNINGs
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -279,6 +290,51 @@ def main(argv: Optional[List[str]] = None) -> None:
                                       for r in rows]}))
     else:
         print_table(ray_start_s, rows, ratio)
+
+
+def commands(args: argparse.Namespace) -> None:
+    """Both systems as whole commands, each run a fresh process, alternating which goes first."""
+    import shutil
+    import subprocess
+
+    sweep_bin = shutil.which("sweep", path=str(Path(sys.executable).parent)) or "sweep"
+    walls: Dict[str, List[float]] = {"ray-tune-pbt (python benchmarks/pbt_vs_tune.py --tune-only)": [],
+                                     "sweep (sweep run configs/pbt.yaml)": []}
+    tune_label, sweep_label = list(walls)
+    with tempfile.TemporaryDirectory(prefix="pbt-vs-tune-commands-") as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        env.pop("RAY_ADDRESS", None)
+        shape = [f"study.population={args.population}", f"study.steps={args.iterations * args.interval}",
+                 f"study.interval={args.interval}", f"study.seed={args.seed}", f"workers.count={args.workers}"]
+        tune_cmd = [sys.executable, str(Path(__file__).resolve()), "--tune-only", "--json",
+                    "--population", str(args.population), "--iterations", str(args.iterations),
+                    "--interval", str(args.interval), "--seed", str(args.seed)]
+        for attempt in range(max(1, args.repeat)):
+            order = [tune_label, sweep_label] if attempt % 2 == 0 else [sweep_label, tune_label]
+            for label in order:
+                if label == tune_label:
+                    cmd = tune_cmd
+                else:
+                    cmd = [sweep_bin, "run", str(ROOT / "configs" / "pbt.yaml"), "--out", tmp, "--overwrite",
+                           "--no-progress"] + [a for kv in shape for a in ("--set", kv)]
+                start = time.perf_counter()
+                proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+                took = time.perf_counter() - start
+                if proc.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+                walls[label].append(took)
+    rows = {label: {"fastest_s": round(min(w), 2), "median_s": round(statistics.median(w), 2),
+                    "all_s": [round(x, 2) for x in w]} for label, w in walls.items()}
+    ratio = rows[tune_label]["fastest_s"] / rows[sweep_label]["fastest_s"]
+    median_ratio = rows[tune_label]["median_s"] / rows[sweep_label]["median_s"]
+    if args.json:
+        print(json.dumps({"commands": rows, "tune_over_sweep": round(ratio, 2),
+                          "tune_over_sweep_median": round(median_ratio, 2)}))
+        return
+    print(f"{'command (a fresh process, end to end)':<62} {'fastest s':>9} {'median s':>9}  all")
+    for label, row in rows.items():
+        print(f"{label:<62} {row['fastest_s']:>9.2f} {row['median_s']:>9.2f}  {row['all_s']}")
+    print(f"Tune / sweep: {ratio:.1f}x fastest against fastest, {median_ratio:.1f}x median against median")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ LONGEST_BACKOFF = 8.0
 #: How long a server that has not answered once yet is tried (a wrong URI, no server there):
 #: far shorter than `retry_seconds`, which bridges an outage of a server that did answer.
 FIRST_CONTACT_SECONDS = 15.0
+#: Seconds the logging thread gathers what arrives before sending it: rounds that land meanwhile go in one
+#: request per run (the metrics reach MLflow at most this much later).
+MERGE_SECONDS = 0.5
 #: Seconds `close` waits for the queue to drain beyond the retry window.
 CLOSE_GRACE = 30.0
 #: Longest error text a warning quotes.
@@ -412,26 +415,60 @@ class MlflowSink:
                 self._error(f"could not start the MLflow run: {type(e).__name__}: "
                             f"{first_line(e, MAX_REASON_LENGTH)}")
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            if client is None or self.run_id is None:
-                if item[0] == "rows":
-                    self.missed_metrics += sum(len(v) for v in item[2].values())
-                elif item[0] == "children":
-                    self.missed_metrics += sum(len(e) for e in self._child_entries(item[1]).values())
-                continue
+            items = self._gather()
+            for item in items:
+                if item is _STOP:
+                    return
+                self._handle(client, item)
+
+    def _gather(self) -> List[Any]:
+        """The next item, with what else arrives within MERGE_SECONDS, merged: every queued round's rows for
+        one child run go in one request rather than one each (a request is a database transaction: the
+        sweep's thread waits on the lock while they run). `_STOP` and a summary end a gathering."""
+        items = [self._queue.get()]
+        deadline = time.monotonic() + MERGE_SECONDS
+        while items[-1] is not _STOP and items[-1][0] != "summary":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                if item[0] == "rows":
-                    self._log_rows(client, item[1], item[2])
-                elif item[0] == "children":
-                    self._log_children(client, item[1])
-                elif item[0] == "batch":
-                    self._log_metrics(client, [(k, v, item[1]) for k, v in item[2].items()])
-                elif item[0] == "summary":
-                    self._log_summary(client, item[1])
-            except Exception as e:
-                self._error(f"MLflow logging failed: {type(e).__name__}: {first_line(e, MAX_REASON_LENGTH)}")
+                items.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+        children = [item[1] for item in items if item is not _STOP and item[0] == "children"]
+        rows = [item for item in items if item is not _STOP and item[0] == "rows"]
+        merged: List[Any] = []
+        if children:
+            merged.append(("children", children[0] if len(children) == 1 else
+                           pa.concat_tables(children, promote_options="default")))
+        by_names: Dict[tuple, List[Any]] = {}
+        for r in rows:  # rows with the same metric columns (a round of invalid rows only has none)
+            by_names.setdefault(tuple(r[2]), []).append(r)
+        for names, group in by_names.items():
+            merged.append(("rows", np.concatenate([r[1] for r in group]),
+                           {n: np.concatenate([r[2][n] for r in group]) for n in names}))
+        merged.extend(item for item in items if item is _STOP or item[0] not in ("children", "rows"))
+        return merged
+
+    def _handle(self, client: Any, item: Any) -> None:
+        """Send one (merged) item; what cannot reach MLflow is counted as missed."""
+        if client is None or self.run_id is None:
+            if item[0] == "rows":
+                self.missed_metrics += sum(len(v) for v in item[2].values())
+            elif item[0] == "children":
+                self.missed_metrics += sum(len(e) for e in self._child_entries(item[1]).values())
+            return
+        try:
+            if item[0] == "rows":
+                self._log_rows(client, item[1], item[2])
+            elif item[0] == "children":
+                self._log_children(client, item[1])
+            elif item[0] == "batch":
+                self._log_metrics(client, [(k, v, item[1]) for k, v in item[2].items()])
+            elif item[0] == "summary":
+                self._log_summary(client, item[1])
+        except Exception as e:
+            self._error(f"MLflow logging failed: {type(e).__name__}: {first_line(e, MAX_REASON_LENGTH)}")
 
     def _error(self, text: str) -> None:
         log.warning("%s; the sweep goes on%s", text,
