@@ -4,7 +4,6 @@ asserted here: these tests check the means."""
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import time

@@ -20,7 +20,7 @@ import torch
 from sweep.errors import ConfigError
 from sweep.examples import digits
 from sweep.model import build_module
-from sweep.population import MODEL_START, Dimension, Population, Train, start_population, train_round, PopulationPlan
+from sweep.population import MODEL_START, Dimension, PopulationPlan, Train, start_population, train_round
 from sweep.studies import plan
 from sweep.studies._halving import HalvingConfig, Rungs
 from sweep.studies._pb2 import PB2Explore
