@@ -233,7 +233,8 @@ def test_slow_mlflow_does_not_slow_writing(mlflow_server):
         assert proxy.requests == 0
         proxy.gate.set()
         sink.close({"completed": True})
-        assert proxy.requests >= 20
+        # The 20 writes queued while the server was held went in a few requests, not one each.
+        assert 0 < proxy.requests < 20
         assert sink.errors == [] and sink.missed_metrics == 0
         assert sorted(m.step for m in history(mlflow_server.uri, sink.run_id, "loss")) == list(range(2000))
     finally:

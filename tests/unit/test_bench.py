@@ -126,6 +126,7 @@ def test_a_failed_row_fails_the_spot_check():
 def test_without_evotorch_or_stacked_the_rows_say_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "evotorch", None)  # `import evotorch` raises, as where it is not installed
     monkeypatch.delattr(sweep, "Stacked", raising=False)
+    monkeypatch.delitem(sweep._LAZY, "Stacked")  # nor found on first use, as in a release without it
     result = tiny()
     assert set(result.forms) == {"dicts", "noise"}
     assert result.notes["evotorch"] == EVOTORCH_MISSING == "evotorch not installed (pip install 'sweep[bench]')"
