@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import pytest
@@ -143,3 +144,19 @@ def snap():
 @pytest.fixture
 def close():
     return assert_rows_close
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> Dict[str, Any]:
+    """Every matplotlib figure saved during a test, by file name (saved as usual): what a figure drew is read from it."""
+    from matplotlib.figure import Figure as Canvas
+
+    figures: Dict[str, Any] = {}
+    real = Canvas.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        figures[Path(fname).name] = self
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Canvas, "savefig", savefig)
+    return figures

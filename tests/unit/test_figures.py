@@ -83,22 +83,6 @@ def caption(page: str, stem: str) -> str:
     return re.search(rf'<figure id="{stem}">.*?<figcaption>(.*?)</figcaption>', page, re.S).group(1)
 
 
-@pytest.fixture
-def drawn(monkeypatch) -> Dict[str, Any]:
-    """Every matplotlib figure the report saves, by file name (saved as usual)."""
-    from matplotlib.figure import Figure as Canvas
-
-    figures: Dict[str, Any] = {}
-    real = Canvas.savefig
-
-    def savefig(self, fname, *args, **kwargs):
-        figures[Path(fname).name] = self
-        return real(self, fname, *args, **kwargs)
-
-    monkeypatch.setattr(Canvas, "savefig", savefig)
-    return figures
-
-
 def shown_texts(fig: Any) -> List[Any]:
     from matplotlib.text import Text
 

@@ -123,22 +123,6 @@ def report(tmp_path: Path, population: int, trials: int, findings: Optional[Dict
     return run, [f.path.name for f in figures], notes, page
 
 
-@pytest.fixture
-def drawn(monkeypatch) -> Dict[str, Any]:
-    """Every matplotlib figure saved, by file name (saved as usual)."""
-    from matplotlib.figure import Figure as Canvas
-
-    figures: Dict[str, Any] = {}
-    real = Canvas.savefig
-
-    def savefig(self, fname, *args, **kwargs):
-        figures[Path(fname).name] = self
-        return real(self, fname, *args, **kwargs)
-
-    monkeypatch.setattr(Canvas, "savefig", savefig)
-    return figures
-
-
 # --------------------------------------------------------------------------- what the rows say, read independently
 
 
