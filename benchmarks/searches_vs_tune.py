@@ -85,6 +85,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/searches_vs_tune.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from pbt_vs_tune import _Count  # noqa: E402  (this script's folder is on the path: Tune's counts, one class)
 from sweep.examples import digits  # noqa: E402
 from sweep.model import build_module  # noqa: E402
 
@@ -169,23 +170,6 @@ def tune_trial(config: Dict[str, Any]) -> None:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "step": step, "position": position}, os.path.join(folder, "state.pt"))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-
-class _Count(tune.Callback):
-    """What Tune did besides training: trial (re)starts, checkpoints registered, actor processes."""
-
-    def __init__(self) -> None:
-        self.starts = self.checkpoints = 0
-        self.pids: set = set()
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.starts += 1
-
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        self.checkpoints += 1
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.pids.add(result.get("pid"))
 
 
 def _fit(name: str, scheduler, samples: int, steps: int, interval: int, seed: int, storage: Path,
