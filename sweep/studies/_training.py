@@ -219,15 +219,21 @@ class Training(StudyBase):
         return columns
 
     def observe(self, table: pa.Table) -> None:
-        """Each member's objective in its generation (NaN where the row is not ok: ranked last, never best)."""
+        """Each member's objective in its generation (NaN where the row is not ok: ranked last, never best).
+        Without exploit only the last generation's are kept (the best member is all they are read for)."""
         if table.num_rows == 0:
             return
+        for m, g, v in zip(table.column("member").to_pylist(), table.column("generation").to_pylist(),
+                           self._values(table)):
+            if self.exploit or g == self.generations - 1:
+                self._scores.setdefault(g, {})[m] = v
+
+    def _values(self, table: pa.Table) -> List[float]:
+        """Each row's objective; NaN where the row is not ok or has none."""
         ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_pylist()
         values = (table.column(self.objective).to_pylist() if self.objective in table.column_names
                   else [None] * table.num_rows)
-        for m, g, okay, v in zip(table.column("member").to_pylist(), table.column("generation").to_pylist(),
-                                 ok, values):
-            self._scores.setdefault(g, {})[m] = v if okay and v is not None else math.nan
+        return [v if okay and v is not None else math.nan for okay, v in zip(ok, values)]
 
     def next_generation(self, scores: Dict[int, float], hyper: Dict[int, Dict[str, float]]) -> List[tuple]:
         """(receiver, donor, new hyperparameter values) for each exploit; none without exploit."""

@@ -29,7 +29,6 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
@@ -267,13 +266,6 @@ class Search(Training):
             table = table.append_column("stopped", column) if "stopped" not in table.column_names else \
                 table.set_column(table.schema.get_field_index("stopped"), "stopped", column)
         return table
-
-    def _values(self, table: pa.Table) -> List[float]:
-        """Each row's objective; NaN where the row is not ok."""
-        ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_pylist()
-        values = (table.column(self.objective).to_pylist() if self.objective in table.column_names
-                  else [None] * table.num_rows)
-        return [v if okay and v is not None else math.nan for okay, v in zip(ok, values)]
 
     def _wave_of(self, table: pa.Table) -> int:
         return int(table.column("generation")[0].as_py()) // self.generations
