@@ -70,10 +70,8 @@ def check_sampler(name: str, kwargs: Dict[str, Any], seed: int, dims: Dict[str, 
     study in memory and told it failed."""
     optuna = optuna_module()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = make_sampler(name, kwargs, seed)
-    trial_study = optuna.create_study(sampler=sampler)
-    proposals = Proposals.__new__(Proposals)
-    proposals.optuna, proposals.dims, proposals.study, proposals.trials = optuna, dims, trial_study, {}
+    trial_study = optuna.create_study(sampler=make_sampler(name, kwargs, seed))
+    proposals = Proposals(dims, trial_study)
     try:
         # Two trials, the first told complete: a sampler that models the space (CMA-ES) starts on the second.
         (number, _), = proposals.ask(1)
@@ -91,23 +89,29 @@ def check_sampler(name: str, kwargs: Dict[str, Any], seed: int, dims: Dict[str, 
 class Proposals:
     """An Optuna study, asked for trials by waves and told how they went."""
 
-    def __init__(self, dims: Dict[str, Dimension], mode: str, sampler: Any, storage: Optional[str],
-                 study_name: str):
-        optuna = optuna_module()
-        self.optuna = optuna
+    def __init__(self, dims: Dict[str, Dimension], study: Any):
+        self.optuna = optuna_module()
         self.dims = dims
+        self.study = study
+        self.trials: Dict[int, Any] = {}  # trial number → its FrozenTrial-to-be (an optuna.Trial)
+
+    @classmethod
+    def open(cls, dims: Dict[str, Dimension], mode: str, sampler: Any, storage: Optional[str],
+             study_name: str) -> "Proposals":
+        """The Optuna study `study_name` in `storage` (created, or continued when its direction agrees)."""
+        optuna = optuna_module()
         direction = "maximize" if mode == "max" else "minimize"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            self.study = optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
-                                             direction=direction, load_if_exists=True)
+            study = optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
+                                        direction=direction, load_if_exists=True)
         except Exception as e:  # noqa: BLE001 - a bad URL, an unreachable database
             raise ConfigError(f"study.storage: Optuna could not open {storage!r}: {type(e).__name__}: {e}") from None
-        if self.study.direction.name.lower() != direction:
+        if study.direction.name.lower() != direction:
             raise ConfigError(f"study.study_name: the Optuna study {study_name!r} in {storage} is to "
-                              f"{self.study.direction.name.lower()}; this search's objective is to {direction}: "
+                              f"{study.direction.name.lower()}; this search's objective is to {direction}: "
                               f"name another study")
-        self.trials: Dict[int, Any] = {}  # trial number → its FrozenTrial-to-be (an optuna.Trial)
+        return cls(dims, study)
 
     def ask(self, count: int) -> List[Tuple[int, Dict[str, float]]]:
         """`count` new trials: (number, {name: value}) each."""

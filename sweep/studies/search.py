@@ -200,8 +200,8 @@ class Search(Training):
 
         c = self.config
         sampler = c.sampler or SamplerConfig()
-        return Proposals(self.dimensions, self.mode, make_sampler(sampler.name, dict(sampler.kwargs), c.seed),
-                         c.storage, c.study_name or self.sweep_name)
+        return Proposals.open(self.dimensions, self.mode, make_sampler(sampler.name, dict(sampler.kwargs), c.seed),
+                              c.storage, c.study_name or self.sweep_name)
 
     def _round_columns(self, members: List[int], generation: int, step: int, wave: int) -> Dict[str, List[Any]]:
         columns: Dict[str, List[Any]] = {
