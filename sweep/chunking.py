@@ -56,6 +56,8 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 import torch
 from torch.func import functional_call
 
+from .files import CACHE_ENV, cache_dir
+
 Tensors = Dict[str, torch.Tensor]
 Choice = Tuple[int, Optional[str], str]
 
@@ -88,9 +90,6 @@ FALLBACK_CHUNK = 256
 #: small enough that each candidate is still in cache when its forward reads it.
 LOOP_CHUNK_BYTES = 8 * 1024**2
 
-#: The environment variable that moves the on-disk cache, or turns it off with `CACHE_OFF`.
-CACHE_ENV = "SWEEP_CACHE_DIR"
-CACHE_OFF = "off"
 #: The folder (under the cache directory) that holds one JSON file per measured choice.
 CHUNK_FOLDER = "chunks"
 #: The format of an entry; an entry of another format is measured again and overwritten.
@@ -181,20 +180,6 @@ def _timed(fn, min_seconds: float = TRIAL_SECONDS, max_repeat: int = MAX_REPEAT,
 # -- the key, and the cache on disk ----------------------------------------------
 #: Choices already made in this process, by key digest (see `chunk_key`).
 _CHOSEN: Dict[str, Choice] = {}
-
-
-def cache_dir() -> Optional[Path]:
-    """Where measured choices are kept (`SWEEP_CACHE_DIR`, else `$XDG_CACHE_HOME/sweep`, else
-    `~/.cache/sweep`), or None when `SWEEP_CACHE_DIR=off`."""
-    given = os.environ.get(CACHE_ENV, "").strip()
-    if given.lower() == CACHE_OFF:
-        return None
-    if given:
-        return Path(given).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative path is to be ignored
-        return Path(xdg) / "sweep"
-    return Path.home() / ".cache" / "sweep"
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,14 +27,14 @@ from pydantic import (Discriminator, Field, Tag, ValidationError, ValidationInfo
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from . import zoo
+from . import check_cache, zoo
 from .config_errors import describe_errors
 from .errors import ConfigError
 from .files import checks_files, resolve_file, resolve_path
 from .messages import first_line, kind_of, one_line, short
 from .model import import_callable, missing_module_hint
-from .settings import (MAX_BATCH_SIZE, MAX_IN_FLIGHT, MAX_INT64, MAX_WORKER_RESOURCE, MAX_WORKERS, Float, ImportPath,
-                       Int, Kwargs, Section, Text, leaves)
+from .settings import (IMPORT_FIELDS, MAX_BATCH_SIZE, MAX_IN_FLIGHT, MAX_INT64, MAX_WORKER_RESOURCE, MAX_WORKERS, Float,
+                       ImportPath, Int, Kwargs, Section, Text, leaves)
 from .sinks import SINKS, enabled_sinks
 from .studies import STUDIES
 from .yaml_io import dump_yaml, read_yaml
@@ -334,7 +334,6 @@ def rebuild() -> Type[SweepConfig]:
     return _model
 
 
-IMPORT_FIELDS = (("model", "factory"), ("data", "loader"), ("metrics", "function"))
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_imports: bool = True) -> SweepConfig:
@@ -375,7 +374,8 @@ def parse_config(raw: Dict[str, Any], *, base_dir: Path, source: str = "config",
         config = _model.model_validate(raw, context={"base_dir": base_dir, "check_files": check_files})
     except ValidationError as e:
         raise ConfigError(one_line(f"{source}: " + "; ".join(describe_errors(e, _model, list(STUDIES))))) from None
-    if check_imports:
+    # An earlier check of this config whose code is unchanged vouches for its imports (`sweep.check_cache`).
+    if check_imports and check_cache.lookup(config) is None:
         for section, field in IMPORT_FIELDS:
             spec = getattr(getattr(config, section), field)
             try:

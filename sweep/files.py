@@ -1,5 +1,6 @@
 """Paths a config names: resolved against the config's folder, checked to be regular files or checkpoint
-folders; `pyarrow.fs` URIs (`s3://…`) are kept as they are and left to whoever reads them."""
+folders; `pyarrow.fs` URIs (`s3://…`) are kept as they are and left to whoever reads them. And the folder
+sweep keeps its caches in."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import fnmatch
 import os
 import stat
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
 
-from pydantic import ValidationInfo
+if TYPE_CHECKING:  # annotations only: `sweep.evaluate` (which keeps its caches here) runs without pydantic
+    from pydantic import ValidationInfo
 
 #: The files a checkpoint folder is read from, in the order they are looked for.
 FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -206,3 +208,23 @@ def glob_matches_a_file(pattern: str) -> bool:
         raise ValueError(f"pattern {pattern} matches what is not a regular file: {shown}; only regular files "
                          f"are read: remove them or narrow the pattern")
     return files > 0
+
+
+#: The environment variable that moves sweep's on-disk caches (measured chunk sizes, kept checks), or turns
+#: them off with `CACHE_OFF`.
+CACHE_ENV = "SWEEP_CACHE_DIR"
+CACHE_OFF = "off"
+
+
+def cache_dir() -> Optional[Path]:
+    """Where sweep keeps what it measured or checked (`SWEEP_CACHE_DIR`, else `$XDG_CACHE_HOME/sweep`, else
+    `~/.cache/sweep`), or None when `SWEEP_CACHE_DIR=off`."""
+    given = os.environ.get(CACHE_ENV, "").strip()
+    if given.lower() == CACHE_OFF:
+        return None
+    if given:
+        return Path(given).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative path is to be ignored
+        return Path(xdg) / "sweep"
+    return Path.home() / ".cache" / "sweep"

@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
-import torch
+from .lazy import torch
 
 from .errors import WeightsError
 from .files import FOLDER_FILES, describe_file, is_uri
@@ -268,7 +268,7 @@ def read_safetensors_file(path: str, label: Optional[str] = None) -> Dict[str, t
                 raw = torch.empty(end - begin, dtype=torch.uint8)
                 if not _read_into(f, raw):
                     raise _changed(path, size, 8 + header_len + begin)
-                tensors[key] = raw.view(dtype).reshape(shape)
+                tensors[key] = raw.view(getattr(torch, dtype)).reshape(shape)
             grew = len(f.read(1)) > 0
         except OSError as e:
             raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
@@ -306,18 +306,22 @@ def write_weights_file(state: Mapping[str, torch.Tensor], path: str | Path,
     return path
 
 
-#: safetensors' dtype names, as torch calls them (a name this torch lacks is left out)
-SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in {
-        "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
-        "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
-        "F64": "float64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    }.items() if hasattr(torch, attr)
+#: safetensors' dtype names → (torch's name for the dtype, bytes an element): every one torch >= 2.6 reads
+SAFETENSORS_DTYPES: Dict[str, Tuple[str, int]] = {
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "U16": ("uint16", 2), "I16": ("int16", 2),
+    "U32": ("uint32", 4), "I32": ("int32", 4), "U64": ("uint64", 8), "I64": ("int64", 8), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "F32": ("float32", 4), "F64": ("float64", 8), "C64": ("complex64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
 
 
-def safetensors_entry(name: str, key: str, entry: Any) -> Tuple[Tuple[int, ...], torch.dtype, int, int]:
-    """One tensor of a safetensors header as (shape, dtype, begin, end) of its bytes after the header,
+def dtype_name(dtype: Any) -> str:
+    """torch's name for a dtype ('float32'), given the dtype or its name."""
+    return str(dtype).removeprefix("torch.")
+
+
+def safetensors_entry(name: str, key: str, entry: Any) -> Tuple[Tuple[int, ...], str, int, int]:
+    """One tensor of a safetensors header as (shape, dtype name, begin, end) of its bytes after the header,
     checked as loading the file checks it; `WeightsError` naming `name` and `key` otherwise."""
     from .validate import describe
 
@@ -326,8 +330,8 @@ def safetensors_entry(name: str, key: str, entry: Any) -> Tuple[Tuple[int, ...],
 
     if not isinstance(entry, dict):
         raise bad(f"expected an object with dtype, shape and data_offsets, got {type(entry).__name__}")
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None:
+    known = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if known is None:
         raise bad(f"dtype {entry.get('dtype')!r} is not one torch reads")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
@@ -340,8 +344,9 @@ def safetensors_entry(name: str, key: str, entry: Any) -> Tuple[Tuple[int, ...],
     count = 1
     for d in shape:
         count *= d
-    if count * dtype.itemsize != offsets[1] - offsets[0]:
-        raise bad(f"{describe(tuple(shape), dtype)} takes {count * dtype.itemsize} bytes, its data_offsets give "
+    dtype, itemsize = known
+    if count * itemsize != offsets[1] - offsets[0]:
+        raise bad(f"{describe(tuple(shape), dtype)} takes {count * itemsize} bytes, its data_offsets give "
                   f"{offsets[1] - offsets[0]}")
     return tuple(shape), dtype, offsets[0], offsets[1]
 

@@ -48,7 +48,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
+from .lazy import torch
 
 #: The seed of the CPU generator that makes the table.
 TABLE_SEED = 170_303_864  # after arXiv:1703.03864 (Salimans et al.)

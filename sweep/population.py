@@ -28,8 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-from torch.func import functional_call, vmap
+from .lazy import no_grad, torch
 
 from .model import import_callable
 
@@ -117,7 +116,7 @@ def optimizer_state(name: str, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
     return state
 
 
-@torch.no_grad()
+@no_grad
 def optimizer_step(name: str, flat: torch.Tensor, grad: torch.Tensor, state: Dict[str, torch.Tensor],
                    hp: Mapping[str, torch.Tensor]) -> None:
     """One update of every member's flat weights [M, P] in place; `hp[name]` is [M, 1] (a value per member).
@@ -193,9 +192,10 @@ class Population:
 
     def __init__(self, module: torch.nn.Module, ids: Sequence[int], init: Mapping[str, torch.Tensor],
                  optimizer: str, hyper: Mapping[str, Sequence[float]], batches: Sequence[Tuple[Any, Any]],
-                 loss: Callable[..., Any], device: torch.device = torch.device("cpu")):
+                 loss: Callable[..., Any], device: Union[str, torch.device] = "cpu"):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        device = torch.device(device)
         self.module = module.to(device)
         self.device = device
         self.ids = list(ids)
@@ -227,7 +227,7 @@ class Population:
         if not self.batches:
             raise ValueError("the training loader gave no batches")
         self.steps_done = 0
-        self._losses = vmap(self._loss, in_dims=(0, None, None, 0), randomness="different")
+        self._losses = torch.func.vmap(self._loss, in_dims=(0, None, None, 0), randomness="different")
         #: seed -> a module of this architecture built under that torch seed (a restarted member's start)
         self.factory: Optional[Callable[[int], torch.nn.Module]] = None
 
@@ -241,7 +241,7 @@ class Population:
         return out
 
     def _loss(self, params: Dict[str, torch.Tensor], x: Any, y: Any, loss_hp: Dict[str, torch.Tensor]) -> torch.Tensor:
-        out = functional_call(self.module, {**params, **self.buffers}, (x,), tie_weights=self.tied)
+        out = torch.func.functional_call(self.module, {**params, **self.buffers}, (x,), tie_weights=self.tied)
         return self.loss(out, y, **loss_hp)
 
     def flat_gradient(self, x: Any, y: Any) -> torch.Tensor:
@@ -296,7 +296,7 @@ class Population:
             ))
         return out
 
-    @torch.no_grad()
+    @no_grad
     def load(self, member: int, state: Member) -> None:
         """Overwrite `member` with `state` (weights, optimiser state and hyperparameters)."""
         i = self.index[member]
@@ -308,7 +308,7 @@ class Population:
             if n in state.hyper:
                 h[i, 0] = state.hyper[n]
 
-    @torch.no_grad()
+    @no_grad
     def retain(self, members: Sequence[int]) -> None:
         """Keep only `members` (the others stopped): their rows leave the stacked tensors, so every later
         step trains and evaluates fewer rows."""
@@ -324,7 +324,7 @@ class Population:
         self.ids = keep
         self.index = {member: i for i, member in enumerate(self.ids)}
 
-    @torch.no_grad()
+    @no_grad
     def restart(self, starts: Mapping[int, "Start"]) -> None:
         """Start each member of `starts` afresh (a new trial in its slot): weights from the factory under its
         seed (or the module's own weights for `MODEL_START`), optimiser state zeroed. A member not held yet
@@ -355,14 +355,14 @@ class Population:
         if set(starts) >= set(self.ids):
             self.steps_done = 0
 
-    @torch.no_grad()
+    @no_grad
     def copy(self, donor: int, receiver: int) -> None:
         """Exploit within this population: the receiver's row becomes the donor's, on the device."""
         d, r = self.index[donor], self.index[receiver]
         for t in (self.flat, *self.state.values(), *self.hyper.values()):
             t[r] = t[d]
 
-    @torch.no_grad()
+    @no_grad
     def set_hyper(self, member: int, values: Mapping[str, float]) -> None:
         i = self.index[member]
         for n, v in values.items():

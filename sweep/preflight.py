@@ -39,13 +39,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
+from .lazy import torch
 
+from . import check_cache
 from .errors import ConfigError, WeightsError
 from .messages import first_line
 from .checkpoint_keys import ModuleKeys, reading_for
 from .model import (MAX_UNCOMPRESSED_EXTRA, MAX_UNCOMPRESSED_RATIO, SAFETENSORS_SUFFIXES,
-                    TORCH_SUFFIXES, build_module, describe_file, folder_layout, import_callable, is_uri,
+                    TORCH_SUFFIXES, build_module, describe_file, dtype_name, folder_layout, import_callable, is_uri,
                     merge_shards, parse_safetensors_header, safetensors_entry, safetensors_header_length)
 from .validate import Schema, describe
 
@@ -60,8 +61,8 @@ MAX_MODULE_LABEL = 100
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre",
                                  "gpfs", "beegfs", "afs", "ncpfs", "davfs", "sshfs", "orangefs", "pvfs2"})
 
-#: A tensor as a file declares it: its shape and dtype.
-TensorSpec = Tuple[Tuple[int, ...], torch.dtype]
+#: A tensor as a file declares it: its shape and dtype (by torch's name for it: 'float32').
+TensorSpec = Tuple[Tuple[int, ...], str]
 
 
 # --------------------------------------------------------------------------- reading files cheaply
@@ -126,7 +127,7 @@ def read_torch_entries(path: str) -> Optional[Dict[str, TensorSpec]]:
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in obj.items()):
         return None
-    return {k: (tuple(v.shape), v.dtype) for k, v in obj.items()}
+    return {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in obj.items()}
 
 
 def read_entries(path: str) -> Optional[Dict[str, TensorSpec]]:
@@ -230,7 +231,7 @@ def misfits(schema: Schema, entries: Mapping[str, TensorSpec]) -> List[str]:
             continue
         for alias in given:
             shape, dtype = entries[alias]
-            if shape != slot.shape or dtype != slot.dtype:
+            if shape != slot.shape or dtype_name(dtype) != dtype_name(slot.dtype):
                 problems.append(f"{alias}: module has {describe(slot.shape, slot.dtype)}, "
                                 f"file has {describe(shape, dtype)}")
     for key, (shape, dtype) in entries.items():
@@ -308,10 +309,21 @@ class ModuleFit:
                 with torch.device(device):
                     module = build_module(config.model.factory, config.model.kwargs, seed=config.model.seed)
                     keys = ModuleKeys.of(module)
-                    return cls(keys.schema, module_label(config), keys), None
             except Exception as e:  # the user's factory: anything may come
                 why = f"{type(e).__name__}: {first_line(e, 300)}"
+                continue
+            _keep(config, keys)
+            return cls(keys.schema, module_label(config), keys), None
         return None, why
+
+    @classmethod
+    def kept(cls, config: Any) -> Optional["ModuleFit"]:
+        """The config's module as an earlier check built it (`sweep.check_cache`), when the code that built it
+        is unchanged; None otherwise. Nothing is imported."""
+        kept = check_cache.lookup(config)
+        if kept is None:
+            return None
+        return cls(kept.schema, module_label(config), ModuleKeys(kept.schema, kept.ignore, kept.label))
 
     def problem(self, path: str) -> Optional[str]:
         """Why the file at `path` does not fit the module (said without its path), or None when it fits or
@@ -362,6 +374,17 @@ class ModuleFit:
         return lines
 
 
+def _keep(config: Any, keys: ModuleKeys) -> None:
+    """Keep the module's schema for the next check of this config (`sweep.check_cache`), once every function
+    the config names has imported: a record vouches for those imports too."""
+    try:
+        for spec in check_cache.imports(config):
+            import_callable(spec)
+    except Exception:  # the config's own check names it
+        return
+    check_cache.remember(config, keys.schema, [p.pattern for p in keys.ignore], keys.label)
+
+
 def _common_folder(paths: Sequence[str]) -> str:
     try:
         return os.path.commonpath([os.path.dirname(p) for p in paths])
@@ -391,11 +414,25 @@ def plan_checked(config: Any, artifacts: Optional[Path] = None) -> Preflight:
     Raises ConfigError, before the study reads any anchor whole, when `model.weights` or an anchor does
     not fit the module. Candidate files that do not fit, and a module that cannot be built here, are
     warnings. `artifacts`: the run folder the study may write into (None: nothing is written).
+
+    The module's schema comes from an earlier check of the same config when the code that built it is
+    unchanged (`sweep.check_cache`): then nothing is imported, unless the study needs its module or an
+    anchor whole, or a file does not fit (that is checked again against the module built anew).
     """
+    fit = ModuleFit.kept(config)
+    if fit is not None:
+        try:
+            return _plan_checked(config, artifacts, fit)
+        except ConfigError:
+            pass  # what a kept schema refuses is refused only by the module built anew
+    fit, why = ModuleFit.of(config)
+    return _plan_checked(config, artifacts, fit, why)
+
+
+def _plan_checked(config: Any, artifacts: Optional[Path], fit: Optional[ModuleFit], why: str = "") -> Preflight:
     from .studies import plan
     from .studies.base import StudyContext, checking_anchors
 
-    fit, why = ModuleFit.of(config)
     warnings: List[str] = []
     if fit is None:
         warnings.append(f"the module could not be built here to check the weights files against it "

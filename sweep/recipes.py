@@ -14,13 +14,13 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
-import torch
+from .lazy import torch
 
 from . import noise
 from .results import arrow_array
 from .types import ParamDict
 
-AnchorSet = Dict[str, Dict[str, torch.Tensor]]
+AnchorSet = Dict[str, Dict[str, "torch.Tensor"]]
 """Anchor name ('base', 'direction_0', …) → parameter dict."""
 
 #: Above this many directions an Affine chunk is one addmm; below, one addcmul per direction.

@@ -218,16 +218,19 @@ def _describe(cfg: Any, table: pa.Table, location: str, warnings: List[str], *,
     return RunView(name=str(getattr(cfg, "name", "sweep")), kind=kind, study=study, location=location, table=table,
                    ok=ok_rows(table), recipe=recipe, lineage=lineage_columns, metrics=metrics, objective=objective,
                    mode=mode, record=record or {}, run_dir=run_dir, warnings=warnings,
-                   describe=metric_descriptions(config_metrics))
+                   describe=metric_descriptions(config_metrics, metrics))
 
 
-def metric_descriptions(metrics: Any) -> Dict[str, str]:
+def metric_descriptions(metrics: Any, names: Sequence[str] = ()) -> Dict[str, str]:
     """What each metric is ("loss" → "cross-entropy, nats"), for the figures' labels: the config's
-    `metrics.describe`, over the `describe` dict of the metrics function it names (imported here; a function
-    that does not import, or has no such dict, gives nothing, and the labels carry the bare names)."""
+    `metrics.describe`, over the `describe` dict of the metrics function it names (imported here, unless the
+    config describes every one of `names` already; a function that does not import, or has no such dict,
+    gives nothing, and the labels carry the bare names)."""
     found: Dict[str, str] = {}
+    given = getattr(metrics, "describe", None)
+    given = given if isinstance(given, dict) else {}
     spec = getattr(metrics, "function", None)
-    if isinstance(spec, str):
+    if isinstance(spec, str) and (not names or any(name not in given for name in names)):
         from .model import import_object
 
         try:
@@ -236,9 +239,7 @@ def metric_descriptions(metrics: Any) -> Dict[str, str]:
             attribute = None
         if isinstance(attribute, dict):
             found = {k: v for k, v in attribute.items() if isinstance(k, str) and isinstance(v, str) and k and v}
-    given = getattr(metrics, "describe", None)
-    if isinstance(given, dict):
-        found.update(given)
+    found.update(given)
     return found
 
 

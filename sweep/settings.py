@@ -15,6 +15,8 @@ from pydantic_core import PydanticCustomError
 
 from .messages import kind_of, short
 
+#: The fields (section, name) naming a function that reading a config imports, to say at once when it cannot.
+IMPORT_FIELDS = (("model", "factory"), ("data", "loader"), ("metrics", "function"))
 #: Largest integer a config may hold anywhere: what JSON readers, Parquet metadata and MLflow keep exactly.
 MAX_INT64 = 2**63 - 1
 MIN_INT64 = -(2**63)

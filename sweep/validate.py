@@ -18,7 +18,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-import torch
+from .lazy import torch
 
 from .types import ParamDict
 

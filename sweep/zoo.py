@@ -29,8 +29,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-import torch
-
+from .lazy import torch
 from .messages import first_line, short
 
 TRANSFORMERS_EXTRA = "pip install 'sweep[transformers]'"
@@ -46,7 +45,8 @@ DEFAULT_ATTENTION = "eager"
 AUTO_CLASS_EXAMPLES = ("AutoModelForCausalLM", "AutoModelForSequenceClassification",
                        "AutoModelForImageClassification", "AutoModelForMaskedLM", "AutoModel")
 #: dtypes a `dtype` setting may name.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: The floating dtypes a zoo model may be cast to, by name (each an attribute of torch).
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: What a Hugging Face Hub id looks like ('gpt2', 'openai-community/gpt2'): named in the error when no local
 #: file of that name is there, since sweep never looks one up.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -260,7 +260,7 @@ def _dtype(value: Union[str, torch.dtype]) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
-        return DTYPES[value.removeprefix("torch.")]
+        return getattr(torch, value.removeprefix("torch."))
     raise ValueError(f"dtype should be one of {', '.join(DTYPES)}, got {short(value)}")
 
 

@@ -24,6 +24,9 @@ BIN = Path(sys.executable).parent
 
 # The chunk-size cache stays out of the user's home during tests (Ray workers inherit this).
 os.environ["SWEEP_CACHE_DIR"] = "off"
+#: The caches of the `sweep` commands the tests run (`sweep_cli`), as a user's would be kept between commands:
+#: chunk sizes measured once, checks before a run kept while the code is unchanged. Removed at the end.
+CLI_CACHE = Path(tempfile.mkdtemp(prefix="sweep-tests-cli-cache-"))
 
 # Hypothesis keeps its example database in memory and its other files (the constants it collects from
 # the source) in a temporary folder removed at the end: nothing of a test run lands in the checkout.
@@ -59,6 +62,7 @@ def pytest_sessionfinish(session, exitstatus):
     """Tests write only under their temporary folders: a file the run added to the checkout or changed
     there (an MLflow store, `mlruns/` artifacts, a results folder) fails the run, naming the files."""
     shutil.rmtree(HYPOTHESIS_HOME, ignore_errors=True)
+    shutil.rmtree(CLI_CACHE, ignore_errors=True)
     before = session.config.stash.get(_CHECKOUT, None)
     if before is None:
         return
@@ -204,7 +208,7 @@ def digits_reference(module, params, data) -> dict:
 
 def sweep_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
     """Run the installed `sweep` command as a user would."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, "SWEEP_CACHE_DIR": str(CLI_CACHE), **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([str(BIN / "sweep"), *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)

@@ -16,17 +16,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 
 from sweep.checkpoint_keys import ModuleKeys, reading_for
 from sweep.config import SweepConfig
 from sweep.errors import WeightsError
-from sweep.evaluator import CandidateError
+from sweep.lazy import torch
 from sweep.results import arrow_array
 from sweep.model import Stamp, build_module, checkpoint_stamp, load_checkpoint, read_weights_file
 from sweep.population import Member, PopulationPlan, Train, start_population, train_round
 from sweep.studies.base import CandidateBatch, RecipeBatch, Unreached
-from sweep.workload import build_evaluator, resolve_device
 
 
 @dataclass
@@ -61,6 +59,10 @@ class SweepWorker:
     def __init__(self, config: Dict[str, Any], weights: Optional[ModelWeights] = None,
                  anchor_refs: Optional[Dict[str, Any]] = None, population: Optional[PopulationPlan] = None,
                  members: Sequence[int] = ()):
+        # Imported here, where the worker runs: the driver imports this module before torch is needed.
+        from sweep.evaluator import CandidateError
+        from sweep.workload import build_evaluator, resolve_device
+
         self.cfg = SweepConfig.model_validate(config, context={"check_files": False})
         torch.set_num_threads(max(1, int(self.cfg.workers.cpus)))
         device = resolve_device(self.cfg.workers.device, self.cfg.workers.gpus)

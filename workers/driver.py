@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib.metadata
 import json
 import logging
 import math
@@ -544,10 +545,12 @@ def describe_workers(actors: List[Any]) -> List[str]:
 
 def versions() -> Dict[str, str]:
     import pyarrow
-    import torch
 
-    return {"sweep": sweep.__version__, "torch": torch.__version__, "ray": ray.__version__,
-            "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
+    # torch's own version string when it is imported; else its installed one (the same), without the import
+    torch = sys.modules.get("torch")
+    return {"sweep": sweep.__version__,
+            "torch": torch.__version__ if torch is not None else importlib.metadata.version("torch"),
+            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
 
 
 def _starting(count: int, config: SweepConfig) -> str:

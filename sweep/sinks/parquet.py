@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field, ValidationInfo, field_validator
@@ -194,8 +193,10 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def dataset(location: str) -> ds.Dataset:
+def dataset(location: str) -> "pyarrow.dataset.Dataset":
     """The results at a local path or URI as one pyarrow dataset (complete files only)."""
+    import pyarrow.dataset as ds  # here: it imports pandas (a quarter second), which writing rows needs not
+
     fs, root = resolve(str(location))
     files = part_files(fs, root)
     if not files:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Dict, List, Optional, Union
 
 import numpy as np
 import pyarrow as pa
-import torch
+from ..lazy import torch
 from pydantic import Discriminator, Field, Tag
 
 from ..analysis import barrier, metric_mode

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
+from ..lazy import torch
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
-import torch
+from ..lazy import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..errors import ConfigError

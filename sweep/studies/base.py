@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 
 import numpy as np
 import pyarrow as pa
-import torch
+from ..lazy import torch
 
 from ..errors import ConfigError, WeightsError
 from ..model import build_module, read_weights_file

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
-import torch
+from ..lazy import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..files import resolve_file, resolve_files

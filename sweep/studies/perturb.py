@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
-import torch
+from ..lazy import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..files import resolve_file

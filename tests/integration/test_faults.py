@@ -132,7 +132,7 @@ def uninterrupted(repo, tmp_path_factory):
         columns=["candidate_id", "mse"]).sort_by("candidate_id")
 
 
-@pytest.mark.parametrize("files_before_kill", [1, 8, 20])  # of 30: early, middle, late
+@pytest.mark.parametrize("files_before_kill", [1, 20])  # of 30: early, late
 def test_a_killed_driver_resumes_exactly_once(repo, tmp_path, files_before_kill, uninterrupted):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import glob
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -36,9 +39,16 @@ def test_quickstart_end_to_end(repo, tmp_path):
     work = tmp_path / "elsewhere"  # neither the repository nor the output folder
     work.mkdir()
     out = tmp_path / "out"
-    proc = sweep_cli("run", str(repo / "configs/quickstart.yaml"), "--out", str(out), "--no-progress",
-                     cwd=work, env={"MLFLOW_TRACKING_URI": ""})
+    caches = {"MLFLOW_TRACKING_URI": "", "SWEEP_CACHE_DIR": str(tmp_path / "cache")}
+    checked = sweep_cli("validate", str(repo / "configs/quickstart.yaml"), cwd=work, env=caches)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    # The run, in a Python that lists what it imports: the checks validate kept spare the driver torch's import.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "from sweep.cli import console; console()",
+                           "run", str(repo / "configs/quickstart.yaml"), "--out", str(out), "--no-progress"],
+                          cwd=work, env={**os.environ, **caches}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert {"ray", "mlflow", "matplotlib"} <= imported and "torch" not in imported
     assert "5 ok, 2 invalid, 0 failed" in proc.stdout
     assert "bad-hidden32.safetensors" in proc.stdout and "expected shape (64×64) float32" in proc.stdout
 

@@ -49,6 +49,30 @@ def test_sweep_show_reads_results_without_torch_ray_or_mlflow(tmp_path):
     assert not {"torch", "ray", "mlflow", "sweep.config"} & modules
 
 
+def test_reading_a_config_and_the_code_that_runs_it_imports_no_torch(tmp_path, repo):
+    """torch is imported where it is first used (`sweep.lazy`): reading a config, the driver and the worker's
+    class leave it out (and pyarrow.dataset's pandas), so a run whose checks were kept starts Ray sooner."""
+    code = (f"from sweep.config import load_config\n"
+            f"config = load_config({str(repo / 'configs/pbt.yaml')!r}, check_imports=False)\n"
+            "import workers.driver, workers.actor, sweep.population, sweep.recipes, sweep.preflight")
+    modules = imported_after(code, tmp_path)
+    assert {"sweep.config", "workers.actor", "sweep.studies.pbt", "ray"} <= modules
+    assert not {"torch", "pandas", "pyarrow.dataset"} & modules
+
+
+def test_lazy_torch_is_torch_once_used(tmp_path):
+    code = ("from sweep.lazy import no_grad, torch\n"
+            "import sys\n"
+            "assert 'torch' not in sys.modules\n"
+            "@no_grad\n"
+            "def grad_enabled():\n"
+            "    return torch.is_grad_enabled()\n"
+            "assert 'torch' not in sys.modules\n"
+            "assert grad_enabled() is False and torch.is_grad_enabled() is True\n"
+            "assert torch.Tensor is sys.modules['torch'].Tensor and grad_enabled.__name__ == 'grad_enabled'")
+    assert "torch" in imported_after(code, tmp_path)
+
+
 def test_the_public_names_are_there_when_asked_for(tmp_path):
     modules = imported_after("import sweep\nassert sweep.ConfigError", tmp_path)
     assert "torch" not in modules

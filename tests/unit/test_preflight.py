@@ -59,8 +59,8 @@ def test_header_gives_each_key_with_its_shape_and_dtype(tmp_path):
     header = read_safetensors_header(str(path))
     # independently: what safetensors itself loads
     loaded = load_file(str(path))
-    assert header == {k: (tuple(v.shape), v.dtype) for k, v in loaded.items()}
-    assert header["e"] == ((), torch.bool) and header["f"] == ((0, 7), torch.float32)
+    assert header == {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in loaded.items()}
+    assert header["e"] == ((), "bool") and header["f"] == ((0, 7), "float32")
 
 
 def test_header_reader_reads_no_tensor_data(tmp_path):
@@ -74,7 +74,7 @@ def test_header_reader_reads_no_tensor_data(tmp_path):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert header == {"big": ((4096, 4096), torch.float32), "small": ((3,), torch.float32)}
+    assert header == {"big": ((4096, 4096), "float32"), "small": ((3,), "float32")}
     assert peak < 1 * 2**20, f"the header reader took {peak:,} bytes"
     tracemalloc.start()
     try:
@@ -134,7 +134,7 @@ def test_torch_files_through_mmap_and_legacy_ones_left_unread(tmp_path):
     module = cnn(4)
     path = tmp_path / "w.pt"
     torch.save({"state_dict": module.state_dict(), "epoch": 3}, path)
-    assert read_torch_entries(str(path)) == {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+    assert read_torch_entries(str(path)) == {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in module.state_dict().items()}
     legacy = tmp_path / "legacy.pt"
     torch.save(module.state_dict(), legacy, _use_new_zipfile_serialization=False)
     assert read_weights_file(legacy).keys() == module.state_dict().keys()  # the run reads it ...
@@ -199,7 +199,7 @@ def test_a_wrong_architecture_names_the_field_the_file_the_first_keys_and_counts
 def test_every_way_a_file_can_differ_is_one_entry_per_key():
     module = cnn(4)
     entries = {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
-    entries["conv1.weight"] = ((4, 3, 3, 3), torch.float16)  # dtype
+    entries["conv1.weight"] = ((4, 3, 3, 3), "float16")  # dtype
     del entries["head.bias"]  # a parameter missing
     entries["hed.weight"] = entries.pop("head.weight")  # misspelt
     problems = misfits(Schema(module), entries)
