@@ -36,9 +36,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .lazy import torch
-
 from .errors import WeightsError
+from .lazy import torch
 
 log = logging.getLogger("sweep")
 

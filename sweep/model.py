@@ -27,10 +27,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from .lazy import torch
-
 from .errors import WeightsError
 from .files import FOLDER_FILES, describe_file, is_uri
+from .lazy import torch
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")

@@ -48,6 +48,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+
 from .lazy import torch
 
 #: The seed of the CPU generator that makes the table.

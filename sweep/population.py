@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from .lazy import no_grad, torch
 
+from .lazy import no_grad, torch
 from .model import import_callable
 
 # --------------------------------------------------------------------------- hyperparameter space

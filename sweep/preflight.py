@@ -39,10 +39,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .lazy import torch
-
 from . import check_cache
 from .errors import ConfigError, WeightsError
+from .lazy import torch
 from .messages import first_line
 from .checkpoint_keys import ModuleKeys, reading_for
 from .model import (MAX_UNCOMPRESSED_EXTRA, MAX_UNCOMPRESSED_RATIO, SAFETENSORS_SUFFIXES,

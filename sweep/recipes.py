@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
-from .lazy import torch
 
 from . import noise
+from .lazy import torch
 from .results import arrow_array
 from .types import ParamDict
 

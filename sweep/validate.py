@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .lazy import torch
-
 from .types import ParamDict
 
 #: At most this many problems are spelled out in one error; the rest are counted.

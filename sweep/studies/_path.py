@@ -11,11 +11,11 @@ from typing import Annotated, Any, Dict, List, Optional, Union
 
 import numpy as np
 import pyarrow as pa
-from ..lazy import torch
 from pydantic import Discriminator, Field, Tag
 
 from ..analysis import barrier, metric_mode
 from ..errors import ConfigError
+from ..lazy import torch
 from ..settings import Float, Int, Section
 from ..types import OK
 from .base import StudyContext, read_weights

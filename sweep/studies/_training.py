@@ -17,10 +17,10 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ..lazy import torch
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
+from ..lazy import torch
 from ..model import import_callable
 from ..population import OPTIMIZERS, Dimension, PopulationPlan, Train, loss_keywords
 from ..settings import Float, ImportPath, Int, Kwargs, Section

@@ -22,11 +22,11 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
-from ..lazy import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..errors import ConfigError
 from ..files import resolve_file
+from ..lazy import torch
 from ..plotting import (Figure, RunView, barrier_line, draw_path, figure, fmt, label, metric_title, path_barrier,
                         path_legend, place_labels, renderer_of, save, shade_extrapolation, value_scale)
 from ..model import write_weights_file

@@ -11,9 +11,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 
 import numpy as np
 import pyarrow as pa
-from ..lazy import torch
 
 from ..errors import ConfigError, WeightsError
+from ..lazy import torch
 from ..model import build_module, read_weights_file
 from ..recipes import AnchorSet, Rows, anchor_key
 from ..results import LINEAGE, RECIPE, column

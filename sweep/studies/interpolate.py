@@ -21,10 +21,10 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
-from ..lazy import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..files import resolve_files
+from ..lazy import torch
 from ..plotting import (Figure, RunView, alpha_label, barrier_line, draw_path, figure, label, metric_title,
                         path_barrier, path_legend, place_labels, renderer_of, save, shade_extrapolation,
                         value_scale)

@@ -23,10 +23,10 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
-from ..lazy import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..files import resolve_file, resolve_files
+from ..lazy import torch
 from ..plotting import (MIN_FONT_SIZE, Figure, RunView, Scale, best_index, cmap, figure, fmt, label, metric_title,
                         pivot, pivot_counts, save, value_scale)
 from ..errors import ConfigError

@@ -16,10 +16,10 @@ from typing import Any, Dict, Iterator, List, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
-from ..lazy import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from ..files import resolve_file
+from ..lazy import torch
 from ..plotting import Figure, RunView, fmt, histogram
 from ..recipes import NoiseRows, Prepared, anchor_set
 from ..settings import Float, Int, Section, Text
