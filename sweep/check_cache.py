@@ -38,9 +38,11 @@ import os
 import sys
 import sysconfig
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .files import cache_dir
 from .settings import IMPORT_FIELDS
@@ -89,11 +91,40 @@ class KeptSchema:
 
 @dataclass(frozen=True)
 class Kept:
-    """A record: the module's schema, the keys its class ignores, its class name."""
+    """A record: the module's schema, the keys its class ignores, its class name, and what the study's
+    checks found besides (`fact`)."""
 
     schema: KeptSchema
     ignore: Tuple[str, ...]
     label: str
+    facts: Dict[str, Any] = field(default_factory=dict)
+
+
+#: The facts of the check in progress (see `fact`): those of the record it runs from, and those found since.
+_facts: ContextVar[Optional[Dict[str, Any]]] = ContextVar("sweep_check_facts", default=None)
+
+
+def fact(name: str, find: Callable[[], Any]) -> Any:
+    """What a study's check finds beyond the module's schema (the keywords its loss takes, the module's
+    batch-norm layers), as JSON data: within `gathering` taken from the record the check runs from when it
+    holds `name`, else `find()`, which the record written at the end of the check keeps. `find` may raise
+    (a `ConfigError`): nothing is kept then. The same names with the same config give the same facts."""
+    facts = _facts.get()
+    if facts is None:
+        return find()
+    if name not in facts:
+        facts[name] = find()
+    return facts[name]
+
+
+@contextmanager
+def gathering(facts: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    """Within it, `fact` reads and adds to `facts`."""
+    token = _facts.set(facts)
+    try:
+        yield facts
+    finally:
+        _facts.reset(token)
 
 
 def folder() -> Optional[Path]:
@@ -150,20 +181,23 @@ def lookup(config: Any) -> Optional[Kept]:
         record = json.loads((where / f"{name}.json").read_text())
         if record.get("version") != VERSION or not _unchanged(record["stamps"]):
             return None
-        return Kept(KeptSchema.from_json(record["schema"]), tuple(record["ignore"]), str(record["label"]))
+        return Kept(KeptSchema.from_json(record["schema"]), tuple(record["ignore"]), str(record["label"]),
+                    dict(record.get("facts") or {}))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def remember(config: Any, schema: Any, ignore: Sequence[str], label: str) -> None:
+def remember(config: Any, schema: Any, ignore: Sequence[str], label: str,
+             facts: Optional[Mapping[str, Any]] = None) -> None:
     """Keep what a check that imported the config's functions and built its module found (`schema`: a
-    `sweep.validate.Schema`). Nothing is kept when the cache is off or its folder cannot be written."""
+    `sweep.validate.Schema` or a kept one; `facts`: see `fact`). Nothing is kept when the cache is off or
+    its folder cannot be written."""
     where = folder()
     name = key(config) if where is not None else None
     if where is None or name is None:
         return
     record = {"version": VERSION, "stamps": stamps(config.model.kwargs or {}), "schema": KeptSchema.of(schema).to_json(),
-              "ignore": list(ignore), "label": label}
+              "ignore": list(ignore), "label": label, "facts": dict(facts or {})}
     target = where / f"{name}.json"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

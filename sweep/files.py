@@ -228,3 +228,14 @@ def cache_dir() -> Optional[Path]:
     if xdg and os.path.isabs(xdg):  # the XDG spec: a relative path is to be ignored
         return Path(xdg) / "sweep"
     return Path.home() / ".cache" / "sweep"
+
+
+def write_atomically(path: str | Path, data: bytes) -> Path:
+    """`data` written to a hidden temporary name beside `path`, then renamed: a reader never sees half a
+    file. The folder is made if need be."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+    return path

@@ -311,17 +311,12 @@ class ModuleFit:
             except Exception as e:  # the user's factory: anything may come
                 why = f"{type(e).__name__}: {first_line(e, 300)}"
                 continue
-            _keep(config, keys)
             return cls(keys.schema, module_label(config), keys), None
         return None, why
 
     @classmethod
-    def kept(cls, config: Any) -> Optional["ModuleFit"]:
-        """The config's module as an earlier check built it (`sweep.check_cache`), when the code that built it
-        is unchanged; None otherwise. Nothing is imported."""
-        kept = check_cache.lookup(config)
-        if kept is None:
-            return None
+    def kept(cls, config: Any, kept: "check_cache.Kept") -> "ModuleFit":
+        """The config's module as an earlier check built it (`sweep.check_cache`): nothing is imported."""
         return cls(kept.schema, module_label(config), ModuleKeys(kept.schema, kept.ignore, kept.label))
 
     def problem(self, path: str) -> Optional[str]:
@@ -373,15 +368,15 @@ class ModuleFit:
         return lines
 
 
-def _keep(config: Any, keys: ModuleKeys) -> None:
-    """Keep the module's schema for the next check of this config (`sweep.check_cache`), once every function
+def _keep(config: Any, schema: Any, ignore: Sequence[str], label: str, facts: Dict[str, Any]) -> None:
+    """Keep what a check found for the next check of this config (`sweep.check_cache`), once every function
     the config names has imported: a record vouches for those imports too."""
     try:
         for spec in check_cache.imports(config):
             import_callable(spec)
     except Exception:  # the config's own check names it
         return
-    check_cache.remember(config, keys.schema, [p.pattern for p in keys.ignore], keys.label)
+    check_cache.remember(config, schema, ignore, label, facts)
 
 
 def _common_folder(paths: Sequence[str]) -> str:
@@ -418,14 +413,25 @@ def plan_checked(config: Any, artifacts: Optional[Path] = None) -> Preflight:
     unchanged (`sweep.check_cache`): then nothing is imported, unless the study needs its module or an
     anchor whole, or a file does not fit (that is checked again against the module built anew).
     """
-    fit = ModuleFit.kept(config)
-    if fit is not None:
+    kept = check_cache.lookup(config)
+    if kept is not None:
+        facts = dict(kept.facts)
         try:
-            return _plan_checked(config, artifacts, fit)
+            with check_cache.gathering(facts):
+                checked = _plan_checked(config, artifacts, ModuleFit.kept(config, kept))
         except ConfigError:
-            pass  # what a kept schema refuses is refused only by the module built anew
+            pass  # what a kept schema or fact refuses is refused only by the module and code imported anew
+        else:
+            if facts != kept.facts:  # a study found something the record did not hold yet
+                _keep(config, kept.schema, kept.ignore, kept.label, facts)
+            return checked
     fit, why = ModuleFit.of(config)
-    return _plan_checked(config, artifacts, fit, why)
+    facts = {}
+    with check_cache.gathering(facts):
+        checked = _plan_checked(config, artifacts, fit, why)
+    if fit is not None:
+        _keep(config, fit.schema, [p.pattern for p in fit.keys.ignore], fit.keys.label, facts)  # type: ignore[union-attr]
+    return checked
 
 
 def _plan_checked(config: Any, artifacts: Optional[Path], fit: Optional[ModuleFit], why: str = "") -> Preflight:

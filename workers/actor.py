@@ -170,6 +170,13 @@ class SweepWorker:
         out.update(params)
         return {n: out[n] for n in self.evaluator.module.state_dict() if n in out}
 
+    def member_file(self, member: int, metadata: Optional[Dict[str, str]] = None) -> bytes:
+        """The member's state dict (`state_dict`) as the bytes of a safetensors file: what the driver writes
+        without importing torch."""
+        from safetensors.torch import save
+
+        return save({k: v.contiguous() for k, v in self.state_dict(member).items()}, metadata=metadata)
+
     def _held(self) -> Any:
         if self.population is None:
             raise TypeError("this worker holds no population: it has no members to export")

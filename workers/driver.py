@@ -35,7 +35,8 @@ from sweep.claim import CLAIM_NAMES, claim
 from sweep.config import SweepConfig, dump_config, flatten, load_config
 from sweep.errors import SweepError, WeightsError
 from sweep.messages import last_line
-from sweep.model import checkpoint_bytes, checkpoint_stamp, write_weights_file
+from sweep.files import write_atomically
+from sweep.model import checkpoint_bytes, checkpoint_stamp
 from sweep.preflight import plan_checked
 from sweep.results import Tally, failed_rows, results_schema
 from sweep.sinks import check_columns, close_sinks, open_sinks, prepare_sinks
@@ -415,7 +416,7 @@ def _evaluate(config: SweepConfig, run_dir: Path, results: str, study: Any, weig
             for _, table in executor.map_unordered(batches, failed_rows):
                 land(table, sinks, tally, study, reporter, on_batch)
         findings = study.summarise()
-        save_members(study.saved_members(), getattr(executor, "state_dict", None), run_dir)
+        save_members(study.saved_members(), getattr(executor, "member_file", None), run_dir)
         completed = True
     finally:
         summary = tally.summary() if tally is not None else {}
@@ -447,13 +448,14 @@ def land(table: pa.Table, sinks: List[Any], tally: Tally, study: Any, reporter: 
         on_batch(tally.done, len(study))
 
 
-def save_members(saved: Dict[str, int], state_dict: Optional[Callable[[int], Dict[str, Any]]],
+def save_members(saved: Dict[str, int], member_file: Optional[Callable[[int, Dict[str, str]], bytes]],
                  run_dir: Path) -> None:
-    """Write each member a study saves (file name → member) into the run folder, with its member id."""
-    if saved and state_dict is None:
+    """Write each member a study saves (file name → member) into the run folder, with its member id: the
+    safetensors file its worker makes (`member_file(member, metadata)`), so the driver needs no torch."""
+    if saved and member_file is None:
         raise SweepError(f"the study saves members ({', '.join(saved)}) but keeps no population on its workers")
     for name, member in saved.items():
-        write_weights_file(state_dict(member), run_dir / name, metadata={"member": str(member)})
+        write_atomically(run_dir / name, member_file(member, {"member": str(member)}))
 
 
 def finish(config: SweepConfig, run_dir: Path, results: str, summary: Dict[str, Any], tally: Tally,
@@ -546,11 +548,9 @@ def describe_workers(actors: List[Any]) -> List[str]:
 def versions() -> Dict[str, str]:
     import pyarrow
 
-    # torch's own version string when it is imported; else its installed one (the same), without the import
-    torch = sys.modules.get("torch")
-    return {"sweep": sweep.__version__,
-            "torch": torch.__version__ if torch is not None else importlib.metadata.version("torch"),
-            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
+    # torch's installed version (its `__version__`), read without importing it
+    return {"sweep": sweep.__version__, "torch": importlib.metadata.version("torch"), "ray": ray.__version__,
+            "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
 
 
 def _starting(count: int, config: SweepConfig) -> str:

@@ -142,3 +142,7 @@ class Members:
     def state_dict(self, member: int) -> Dict[str, Any]:
         """Member `member`'s weights with the module's buffers, from the worker that holds it (CPU tensors)."""
         return ray.get(self.actors[self._owner(member)].state_dict.remote(member))
+
+    def member_file(self, member: int, metadata: Optional[Dict[str, str]] = None) -> bytes:
+        """`state_dict(member)` as the bytes of a safetensors file, made by the worker that holds it."""
+        return ray.get(self.actors[self._owner(member)].member_file.remote(member, metadata))

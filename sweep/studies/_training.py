@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
+from .. import check_cache
 from ..errors import ConfigError
 from ..lazy import torch
 from ..model import import_callable
@@ -98,6 +99,26 @@ def searched(config: TrainingConfig) -> Dict[str, Dimension]:
     return {n: v.dimension(n) for n, v in config.hyperparameters.items() if isinstance(v, Distribution)}
 
 
+def _imports(spec: str, field: str) -> bool:
+    try:
+        import_callable(spec)
+    except Exception as e:  # noqa: BLE001 - the user's import error is theirs to read
+        raise ConfigError(f"{field}: {e}") from None
+    return True
+
+
+def _loss_keywords(spec: str) -> Optional[List[str]]:
+    """The keywords the loss at `spec` takes besides (output, y), sorted; None when it takes any."""
+    _imports(spec, "study.loss")
+    accepted = loss_keywords(import_callable(spec))
+    return sorted(accepted) if accepted is not None else None
+
+
+def batch_norms(module: Any) -> List[str]:
+    """The class names of the module's batch-norm layers, in the module's order."""
+    return [type(m).__name__ for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def best_member(scores: Dict[int, Optional[float]], mode: str) -> Optional[int]:
     """The member with the best finite score (the lowest id among equals); None when no score is finite.
 
@@ -134,15 +155,10 @@ class Training(StudyBase):
         self.interval = config.interval
         self.dimensions = searched(config)
         self.constants = {n: float(v) for n, v in config.hyperparameters.items() if not isinstance(v, Distribution)}
-        try:
-            loss = import_callable(config.loss)
-        except Exception as e:  # noqa: BLE001 - the user's import error is theirs to read
-            raise ConfigError(f"study.loss: {e}") from None
-        try:
-            import_callable(config.train.loader)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"study.train.loader: {e}") from None
-        accepted = loss_keywords(loss)
+        # What needs the user's code imported is a fact of the checks before a run, kept with them
+        # (`sweep.check_cache`): a run whose checks were kept imports neither that code nor torch here.
+        accepted = check_cache.fact(f"keywords of the loss {config.loss}", lambda: _loss_keywords(config.loss))
+        check_cache.fact(f"imports {config.train.loader}", lambda: _imports(config.train.loader, "study.train.loader"))
         known = set(OPTIMIZERS[config.optimizer])
         for name in config.hyperparameters:
             if name not in known and accepted is not None and name not in accepted:
@@ -150,8 +166,7 @@ class Training(StudyBase):
                     f"study.hyperparameters.{name}: neither a hyperparameter of {config.optimizer} "
                     f"({', '.join(sorted(known))}) nor a keyword of the loss {config.loss}")
         if context is not None:
-            norms = [type(m).__name__ for m in context.module().modules()
-                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            norms = check_cache.fact("batch-norm layers of the module", lambda: batch_norms(context.module()))
             if norms:
                 raise ConfigError(f"model.factory: the module has {norms[0]} layers, whose training forward "
                                   f"updates running statistics; population training needs a module without")

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from sweep import check_cache
 from sweep.config import load_config
-from sweep.preflight import ModuleFit, plan_checked
+from sweep.preflight import plan_checked
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,8 +177,34 @@ def test_a_process_that_imported_the_functions_checks_them_itself(project, monke
     assert plan_checked(config).warnings
     assert records(project)
     assert check_cache.lookup(config) is None
-    assert ModuleFit.kept(config) is None
     sys.modules.pop("mynet", None)
     kept = check_cache.lookup(config)
     assert kept is not None and [s.shape for s in kept.schema.slots] == [(4, 3), (4,), (2, 4), (2,)]
     assert all(s.dtype == "float32" and not s.is_buffer for s in kept.schema.slots)
+
+
+def test_a_training_study_keeps_what_it_checks_of_the_users_code(tmp_path):
+    """PBT's checks import the loss (its keywords) and build the module (batch-norm layers): kept as facts of
+    the record, a second check imports no torch, and a hyperparameter the loss does not take is still refused."""
+    env = {**os.environ, check_cache_env(): str(tmp_path / "cache")}
+
+    def check(*overrides: str):
+        args = [sys.executable, "-X", "importtime", "-m", "sweep.cli", "validate", str(REPO / "configs/pbt.yaml")]
+        for item in overrides:
+            args += ["--set", item]
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
+        return proc.returncode, proc.stdout, "torch" in imported, proc.stderr
+
+    first = check()
+    assert first[0] == 0 and first[2]
+    (record,) = (tmp_path / "cache" / check_cache.CHECKS_FOLDER).glob("*.json")
+    facts = json.loads(record.read_text())["facts"]
+    assert facts == {"keywords of the loss sweep.examples.digits:loss": ["label_smoothing"],
+                     "imports sweep.examples.digits:train_batches": True,
+                     "batch-norm layers of the module": []}
+    second = check()
+    assert second[:2] == (0, first[1]) and not second[2]
+    code, _, _, stderr = check("study.hyperparameters.dropout=0.1")
+    assert code == 2 and "study.hyperparameters.dropout: neither a hyperparameter of sgd" in stderr

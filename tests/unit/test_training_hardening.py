@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from sweep.evaluator import Evaluator
 from sweep.examples import digits
@@ -69,9 +71,13 @@ def test_a_minus_inf_loss_is_not_saved_as_best(tmp_path):
     drive(study, "loss", [{m: 1.0 for m in range(4)}, {0: -INF, 1: 0.7, 2: NAN, 3: 0.4}])
     assert study.summarise() == {"best_member": 3.0, "best_member_loss": 0.4}
     assert study.saved_members() == {"best.safetensors": 3}
-    save_members(study.saved_members(), lambda member: {"w": torch.full((2,), float(member))}, tmp_path)
+    save_members(study.saved_members(),
+                 lambda member, metadata: save({"w": torch.full((2,), float(member))}, metadata=metadata), tmp_path)
     saved = read_weights_file(tmp_path / "best.safetensors")
     assert torch.equal(saved["w"], torch.full((2,), 3.0))
+    with safe_open(str(tmp_path / "best.safetensors"), "pt") as f:
+        assert f.metadata() == {"member": "3"}
+    assert [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]  # no temporary file left
     # nothing finite: no best member, no file
     other = study_of()
     other.bind("loss", "min", ["loss"])
