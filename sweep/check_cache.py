@@ -108,7 +108,8 @@ def fact(name: str, find: Callable[[], Any]) -> Any:
     """What a study's check finds beyond the module's schema (the keywords its loss takes, the module's
     batch-norm layers), as JSON data: within `gathering` taken from the record the check runs from when it
     holds `name`, else `find()`, which the record written at the end of the check keeps. `find` may raise
-    (a `ConfigError`): nothing is kept then. The same names with the same config give the same facts."""
+    (a `ConfigError`): nothing is kept then. A fact's name says what it depends on beyond the record's key
+    (the loss's import path, say)."""
     facts = _facts.get()
     if facts is None:
         return find()
