@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from .files import cache_dir
 from .settings import IMPORT_FIELDS
+from .validate import Slot
 
 #: Bumped when what a record holds changes: older records are then not read.
 VERSION = 1
@@ -56,20 +57,9 @@ CHECKS_FOLDER = "checks"
 MAX_FOLDER_FILES = 64
 
 
-@dataclass(frozen=True)
-class Slot:
-    """One tensor of a kept schema (see `sweep.validate.Slot`), its dtype by torch's name for it."""
-
-    name: str
-    aliases: Tuple[str, ...]
-    shape: Tuple[int, ...]
-    dtype: str
-    is_buffer: bool
-
-
 class KeptSchema:
     """A module's schema as a record keeps it: what `sweep.preflight` and `sweep.checkpoint_keys` read of a
-    `sweep.validate.Schema` (its slots, by canonical name and by every alias)."""
+    `sweep.validate.Schema` (its slots, by canonical name and by every alias), each slot's dtype by its name."""
 
     def __init__(self, slots: Sequence[Slot]):
         self.slots: Tuple[Slot, ...] = tuple(slots)

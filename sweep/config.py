@@ -334,8 +334,6 @@ def rebuild() -> Type[SweepConfig]:
     return _model
 
 
-
-
 def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_imports: bool = True) -> SweepConfig:
     """Read, override (`key.path=value`, value parsed as YAML) and validate a config file."""
     if not isinstance(path, (str, os.PathLike)):

@@ -3,16 +3,14 @@
 The modules a config is read and checked through (the config, the studies,
 the sinks, the model's loading) name `torch` at their top, but reading a
 config needs none of it: `sweep validate` and the start of `sweep run` leave
-torch's import (1.5 s and more) out, or to a thread while Ray starts
-(`sweep.lazy.start`). Those modules take `torch` from here; the first
-attribute read of it imports torch and keeps it.
+torch's import (1.5 s and more) out. Those modules take `torch` from here;
+the first attribute read of it imports torch and keeps it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import threading
 from types import ModuleType
 from typing import Any, Callable, Optional, TypeVar
 
@@ -42,14 +40,6 @@ def _load() -> ModuleType:
 
 
 torch: Any = _LazyTorch()
-
-
-def start() -> threading.Thread:
-    """Import torch on a thread, so that it is ready when first used while this thread waits on something
-    else (Ray's start). Python's import lock makes a use meanwhile wait for it, not import it twice."""
-    thread = threading.Thread(target=_load, name="sweep-import-torch", daemon=True)
-    thread.start()
-    return thread
 
 
 def no_grad(function: F) -> F:

@@ -30,12 +30,13 @@ MAX_SIGNATURES = 64
 
 @dataclass(frozen=True)
 class Slot:
-    """One tensor the module needs: its canonical name, aliases (tied weights) and type."""
+    """One tensor the module needs: its canonical name, aliases (tied weights) and type (a torch.dtype; its
+    name, 'float32', in a schema `sweep.check_cache` kept)."""
 
     name: str
     aliases: Tuple[str, ...]
     shape: Tuple[int, ...]
-    dtype: torch.dtype
+    dtype: Any
     is_buffer: bool
 
 

@@ -99,18 +99,17 @@ def searched(config: TrainingConfig) -> Dict[str, Dimension]:
     return {n: v.dimension(n) for n, v in config.hyperparameters.items() if isinstance(v, Distribution)}
 
 
-def _imports(spec: str, field: str) -> bool:
+def _imported(spec: str, field: str) -> Any:
+    """The function at `spec`; a ConfigError naming `field` when it does not import."""
     try:
-        import_callable(spec)
+        return import_callable(spec)
     except Exception as e:  # noqa: BLE001 - the user's import error is theirs to read
         raise ConfigError(f"{field}: {e}") from None
-    return True
 
 
 def _loss_keywords(spec: str) -> Optional[List[str]]:
     """The keywords the loss at `spec` takes besides (output, y), sorted; None when it takes any."""
-    _imports(spec, "study.loss")
-    accepted = loss_keywords(import_callable(spec))
+    accepted = loss_keywords(_imported(spec, "study.loss"))
     return sorted(accepted) if accepted is not None else None
 
 
@@ -158,7 +157,8 @@ class Training(StudyBase):
         # What needs the user's code imported is a fact of the checks before a run, kept with them
         # (`sweep.check_cache`): a run whose checks were kept imports neither that code nor torch here.
         accepted = check_cache.fact(f"keywords of the loss {config.loss}", lambda: _loss_keywords(config.loss))
-        check_cache.fact(f"imports {config.train.loader}", lambda: _imports(config.train.loader, "study.train.loader"))
+        check_cache.fact(f"imports {config.train.loader}",
+                         lambda: callable(_imported(config.train.loader, "study.train.loader")))
         known = set(OPTIMIZERS[config.optimizer])
         for name in config.hyperparameters:
             if name not in known and accepted is not None and name not in accepted:
